@@ -1,0 +1,82 @@
+//! Who is calling: JWT users (dashboards, admins) and device API keys.
+//!
+//! [`jwt`] verifies tokens exactly as the contract says (exp required, 30 s leeway, HS256 by default,
+//! RS256/ES256 by PEM key or JWKS); [`apikey`] makes and hashes device keys; [`Caller`] is what the
+//! HTTP layer and the socket layer authorise against.
+
+pub mod apikey;
+pub mod jwt;
+
+use serde::{Deserialize, Serialize};
+
+pub use jwt::{AuthError, JwtVerifier, UserClaims};
+
+use crate::wire::KeyScope;
+
+/// A user's role; a token without one is a `viewer`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    #[default]
+    Viewer,
+    Operator,
+    Admin,
+}
+
+/// A device or service authenticated by an API key.
+#[derive(Debug, Clone)]
+pub struct KeyIdentity {
+    pub id: String,
+    pub org_id: String,
+    pub scopes: Vec<KeyScope>,
+}
+
+/// The authenticated principal of one HTTP request.
+#[derive(Debug, Clone)]
+pub enum Caller {
+    User(UserClaims),
+    Key(KeyIdentity),
+}
+
+impl Caller {
+    pub fn org_id(&self) -> &str {
+        match self {
+            Caller::User(u) => &u.org_id,
+            Caller::Key(k) => &k.org_id,
+        }
+    }
+
+    /// Whether the caller may see this site (`site_ids` restricts users; keys see their whole org).
+    pub fn can_see_site(&self, site_id: &str) -> bool {
+        match self {
+            Caller::User(u) => u.can_see_site(site_id),
+            Caller::Key(_) => true,
+        }
+    }
+}
+
+/// Checks a caller-supplied site or unit id: 1–64 chars of `[A-Za-z0-9_.:-]`.
+pub fn valid_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= 64
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b':' | b'-'))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids() {
+        assert!(valid_id("u-1"));
+        assert!(valid_id("site.a:b_c"));
+        assert!(!valid_id(""));
+        assert!(!valid_id(&"x".repeat(65)));
+        assert!(valid_id(&"x".repeat(64)));
+        assert!(!valid_id("a b"));
+        assert!(!valid_id("a|b"));
+        assert!(!valid_id("é"));
+    }
+}

@@ -1,0 +1,86 @@
+//! The HTTP API: one router per resource, merged here, all sharing one [`AppState`].
+
+mod error;
+mod extract;
+mod health;
+mod keys;
+pub mod openapi;
+mod sites;
+mod units;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::DefaultBodyLimit;
+use axum::http::{HeaderName, HeaderValue, Method, header};
+use tower_http::cors::{AllowOrigin, Any, CorsLayer};
+
+pub use error::AppError;
+pub use extract::{Admin, Json, User};
+pub use keys::create_key;
+
+use crate::auth::JwtVerifier;
+use crate::config::Config;
+use crate::store::Store;
+
+/// What every handler can reach.
+#[derive(Clone)]
+pub struct AppState {
+    pub config: Arc<Config>,
+    pub store: Store,
+    pub jwt: Arc<JwtVerifier>,
+}
+
+/// The API routes (without Socket.io, which is a layer added in `lib.rs`).
+pub fn router(state: AppState) -> Router {
+    let body_limit = state.config.limits.max_body_bytes;
+    Router::new()
+        .merge(health::router())
+        .merge(sites::router())
+        .merge(units::router())
+        .merge(keys::router())
+        .fallback(|| async { AppError::NotFound("no such endpoint".into()) })
+        .layer(DefaultBodyLimit::max(body_limit))
+        .with_state(state)
+}
+
+/// CORS for browsers on other origins (the Vite dev server by default).
+pub fn cors(origins: &[String]) -> CorsLayer {
+    let layer = CorsLayer::new()
+        .allow_methods([
+            Method::GET,
+            Method::POST,
+            Method::PATCH,
+            Method::DELETE,
+            Method::OPTIONS,
+        ])
+        .allow_headers([
+            header::AUTHORIZATION,
+            header::CONTENT_TYPE,
+            HeaderName::from_static("x-api-key"),
+        ])
+        .max_age(Duration::from_secs(600));
+    if origins.iter().any(|o| o == "*") {
+        layer.allow_origin(Any)
+    } else {
+        let list: Vec<HeaderValue> = origins
+            .iter()
+            .filter_map(|o| HeaderValue::from_str(o.trim_end_matches('/')).ok())
+            .collect();
+        layer.allow_origin(AllowOrigin::list(list))
+    }
+}
+
+/// Parses an optional RFC 3339 query parameter into epoch milliseconds.
+pub(crate) fn parse_time_param(name: &str, value: Option<&str>) -> Result<Option<i64>, AppError> {
+    value
+        .map(|v| {
+            chrono::DateTime::parse_from_rfc3339(v)
+                .map(|t| t.timestamp_millis())
+                .map_err(|_| {
+                    AppError::validation(name, "must be an RFC 3339 time like 2026-01-02T03:04:05Z")
+                })
+        })
+        .transpose()
+}

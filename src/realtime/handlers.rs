@@ -1,0 +1,285 @@
+//! Client → server events: subscriptions, `get:latest`, `auth:refresh`.
+//!
+//! Every handler is generic over the adapter, so one code path serves a single node and a
+//! cluster. Each event first passes the socket's rate limiter. Arguments are taken as raw JSON and
+//! checked here, so a wrong type gets the contract's `not_found` instead of silence.
+
+use std::sync::Arc;
+
+use serde_json::Value;
+use socketioxide::adapter::Adapter;
+use socketioxide::extract::{Extension, SocketRef, State, TryData};
+
+use super::limiter::Verdict;
+use super::reply::Reply;
+use super::session::Session;
+use super::{Ctx, rooms};
+use crate::auth::{UserClaims, valid_id};
+use crate::store::StoreError;
+use crate::wire::{RefreshAck, SensorReading, SubscribeAck};
+
+/// Why a subscription or lookup was refused; the ack's `error`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Refusal {
+    Forbidden,
+    NotFound,
+    RateLimited,
+    Unavailable,
+}
+
+impl Refusal {
+    fn code(self) -> &'static str {
+        match self {
+            Refusal::Forbidden => "forbidden",
+            Refusal::NotFound => "not_found",
+            Refusal::RateLimited => "rate_limited",
+            Refusal::Unavailable => "unavailable",
+        }
+    }
+
+    fn message(self) -> String {
+        match self {
+            Refusal::Forbidden => "not allowed to subscribe to that".into(),
+            Refusal::NotFound => "malformed id".into(),
+            Refusal::RateLimited => "too many requests or subscriptions".into(),
+            Refusal::Unavailable => "storage unavailable, retry later".into(),
+        }
+    }
+}
+
+impl From<StoreError> for Refusal {
+    fn from(e: StoreError) -> Self {
+        tracing::warn!(error = %e, "subscription lookup failed");
+        Refusal::Unavailable
+    }
+}
+
+/// Passes the event through the rate limiter; `false` means it was refused (and, when the
+/// client keeps at it, the socket is already being disconnected).
+fn admit<A: Adapter>(s: &SocketRef<A>, session: &Session) -> bool {
+    match session.admit() {
+        Verdict::Allow => true,
+        Verdict::Refuse => false,
+        Verdict::Disconnect => {
+            tracing::info!(sid = %s.id, "socket disconnected for flooding events");
+            s.clone().disconnect().ok();
+            false
+        }
+    }
+}
+
+fn ack_result<A: Adapter>(reply: Reply<A>, result: Result<(), Refusal>) {
+    match result {
+        Ok(()) => reply.send(&SubscribeAck { ok: true, error: None }, None),
+        Err(r) => reply.send(
+            &SubscribeAck {
+                ok: false,
+                error: Some(r.code().into()),
+            },
+            Some((r.code(), r.message())),
+        ),
+    }
+}
+
+/// The id argument, if it is a well-formed id.
+fn id_arg(data: Result<Value, impl std::fmt::Debug>) -> Result<String, Refusal> {
+    match data {
+        Ok(Value::String(id)) if valid_id(&id) => Ok(id),
+        _ => Err(Refusal::NotFound),
+    }
+}
+
+/// The site of a unit the caller may see. Unknown, foreign and out-of-scope units look alike.
+async fn visible_unit_site(ctx: &Ctx, claims: &UserClaims, unit: &str) -> Result<String, Refusal> {
+    match ctx.store.unit_site(&claims.org_id, unit).await? {
+        Some(site) if claims.can_see_site(&site) => Ok(site),
+        _ => Err(Refusal::Forbidden),
+    }
+}
+
+async fn visible_site(ctx: &Ctx, claims: &UserClaims, site: &str) -> Result<(), Refusal> {
+    if !claims.can_see_site(site) {
+        return Err(Refusal::Forbidden);
+    }
+    match ctx.store.get_site(&claims.org_id, site).await? {
+        Some(_) => Ok(()),
+        None => Err(Refusal::Forbidden),
+    }
+}
+
+fn join_capped<A: Adapter>(
+    s: &SocketRef<A>,
+    session: &Session,
+    ctx: &Ctx,
+    room: String,
+) -> Result<(), Refusal> {
+    if !session.add_subscription(&room, ctx.limits.max_rooms_per_socket) {
+        return Err(Refusal::RateLimited);
+    }
+    s.join(room);
+    Ok(())
+}
+
+pub async fn subscribe_site<A: Adapter>(
+    s: SocketRef<A>,
+    TryData(data): TryData<Value>,
+    Extension(session): Extension<Arc<Session>>,
+    State(ctx): State<Ctx>,
+    reply: Reply<A>,
+) {
+    let result = async {
+        if !admit(&s, &session) {
+            return Err(Refusal::RateLimited);
+        }
+        let site = id_arg(data)?;
+        let claims = session.claims();
+        visible_site(&ctx, &claims, &site).await?;
+        join_capped(&s, &session, &ctx, rooms::site(&claims.org_id, &site))
+    }
+    .await;
+    ack_result(reply, result);
+}
+
+pub async fn subscribe_unit<A: Adapter>(
+    s: SocketRef<A>,
+    TryData(data): TryData<Value>,
+    Extension(session): Extension<Arc<Session>>,
+    State(ctx): State<Ctx>,
+    reply: Reply<A>,
+) {
+    let result = async {
+        if !admit(&s, &session) {
+            return Err(Refusal::RateLimited);
+        }
+        let unit = id_arg(data)?;
+        let claims = session.claims();
+        visible_unit_site(&ctx, &claims, &unit).await?;
+        join_capped(&s, &session, &ctx, rooms::unit(&claims.org_id, &unit))
+    }
+    .await;
+    ack_result(reply, result);
+}
+
+/// Leaves a site or unit room. Leaving something never joined is fine.
+async fn unsubscribe<A: Adapter>(
+    s: SocketRef<A>,
+    data: Result<Value, impl std::fmt::Debug>,
+    session: Arc<Session>,
+    reply: Reply<A>,
+    room: fn(&str, &str) -> String,
+) {
+    let result = (|| {
+        if !admit(&s, &session) {
+            return Err(Refusal::RateLimited);
+        }
+        let id = id_arg(data)?;
+        let room = room(&session.claims().org_id, &id);
+        session.remove_subscription(&room);
+        s.leave(room);
+        Ok(())
+    })();
+    ack_result(reply, result);
+}
+
+pub async fn unsubscribe_site<A: Adapter>(
+    s: SocketRef<A>,
+    TryData(data): TryData<Value>,
+    Extension(session): Extension<Arc<Session>>,
+    reply: Reply<A>,
+) {
+    unsubscribe(s, data, session, reply, rooms::site).await
+}
+
+pub async fn unsubscribe_unit<A: Adapter>(
+    s: SocketRef<A>,
+    TryData(data): TryData<Value>,
+    Extension(session): Extension<Arc<Session>>,
+    reply: Reply<A>,
+) {
+    unsubscribe(s, data, session, reply, rooms::unit).await
+}
+
+/// `get:latest`: the unit's newest reading, or `null` (also for a unit the caller cannot see).
+pub async fn get_latest<A: Adapter>(
+    s: SocketRef<A>,
+    TryData(data): TryData<Value>,
+    Extension(session): Extension<Arc<Session>>,
+    State(ctx): State<Ctx>,
+    reply: Reply<A>,
+) {
+    let result: Result<Option<SensorReading>, Refusal> = async {
+        if !admit(&s, &session) {
+            return Err(Refusal::RateLimited);
+        }
+        let unit = id_arg(data)?;
+        let claims = session.claims();
+        if visible_unit_site(&ctx, &claims, &unit).await.is_err() {
+            return Ok(None);
+        }
+        let latest = ctx.store.latest_reading(&claims.org_id, &unit).await?;
+        Ok(latest.map(SensorReading::from))
+    }
+    .await;
+    match result {
+        Ok(latest) => reply.send(&latest, None),
+        Err(Refusal::NotFound) => reply.send(&None::<SensorReading>, None),
+        Err(r) => reply.send(&None::<SensorReading>, Some((r.code(), r.message()))),
+    }
+}
+
+/// `auth:refresh`: swaps in a fresh token for the same user and organisation, extending the
+/// socket's life without a reconnect.
+pub async fn auth_refresh<A: Adapter>(
+    s: SocketRef<A>,
+    TryData(data): TryData<Value>,
+    Extension(session): Extension<Arc<Session>>,
+    State(ctx): State<Ctx>,
+    reply: Reply<A>,
+) {
+    let refused = |error: &str| RefreshAck {
+        ok: false,
+        exp: None,
+        error: Some(error.into()),
+    };
+    if !admit(&s, &session) {
+        let code = Refusal::RateLimited.code();
+        return reply.send(&refused(code), Some((code, Refusal::RateLimited.message())));
+    }
+    let token = match &data {
+        Ok(Value::String(t)) => t.as_str(),
+        _ => "",
+    };
+    let fresh = match ctx.jwt.verify(token) {
+        Ok(c) => c,
+        Err(e) => return reply.send(&refused(e.code()), Some((e.code(), e.to_string()))),
+    };
+    let current = session.claims();
+    if fresh.sub != current.sub || fresh.org_id != current.org_id {
+        let msg = "the new token is for another user or organisation".to_string();
+        return reply.send(&refused("forbidden"), Some(("forbidden", msg)));
+    }
+    // A change of `site_ids` changes which org-room events the socket may see.
+    let old_rooms = rooms::membership(&current);
+    let new_rooms = rooms::membership(&fresh);
+    if old_rooms != new_rooms {
+        s.leave(old_rooms);
+        s.join(new_rooms);
+    }
+    let exp = fresh.exp;
+    session.set_claims(fresh);
+    tracing::debug!(sid = %s.id, exp, "token refreshed");
+    reply.send(
+        &RefreshAck {
+            ok: true,
+            exp: Some(exp),
+            error: None,
+        },
+        None,
+    );
+}
+
+/// Any other event: counted against the rate limit (so floods of junk get disconnected) and
+/// otherwise ignored, like socket.io does with events nobody listens to.
+pub async fn unknown_event<A: Adapter>(s: SocketRef<A>, Extension(session): Extension<Arc<Session>>) {
+    admit(&s, &session);
+}

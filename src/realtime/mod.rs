@@ -1,0 +1,145 @@
+//! Socket.io on namespace `/`: the authenticating connect middleware, the rooms a socket joins,
+//! the client events, and the end of a socket whose token runs out.
+//!
+//! A socket is admitted only with a valid token (from `auth.token`, an `Authorization: Bearer`
+//! header, or — when the operator allows it — the `token` query parameter); the refusal reaches
+//! the client as `connect_error` with the contract's message. Once in, it joins its organisation
+//! and user rooms ([`rooms::membership`]) and its [`Session`] lives in the socket's extensions.
+
+mod handlers;
+mod limiter;
+mod reply;
+pub mod rooms;
+mod session;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::Value;
+use socketioxide::adapter::Adapter;
+use socketioxide::extract::{Extension, SocketRef, State, TryData};
+use socketioxide::socket::{DisconnectReason, Sid};
+use socketioxide::{SocketIo, SocketIoBuilder};
+
+pub use session::Session;
+
+use crate::auth::jwt::now_secs;
+use crate::auth::{AuthError, JwtVerifier};
+use crate::config::{Config, Limits};
+use crate::store::Store;
+use crate::wire::AuthExpired;
+
+/// What the socket handlers share (registered as socketioxide state).
+#[derive(Clone)]
+pub struct Ctx {
+    pub store: Store,
+    pub jwt: Arc<JwtVerifier>,
+    pub limits: Arc<Limits>,
+    pub allow_token_in_query: bool,
+}
+
+/// The Socket.io builder with our limits and state; the caller picks the adapter.
+pub fn builder(config: &Config, ctx: Ctx) -> SocketIoBuilder {
+    let l = &config.limits;
+    SocketIo::builder()
+        .max_buffer_size(l.socket_buffer_size)
+        .max_payload(l.socket_max_payload)
+        .connect_timeout(Duration::from_secs(l.handshake_timeout_secs))
+        .with_state(ctx)
+}
+
+/// The token a client presented, in the order the contract gives.
+fn presented_token<A: Adapter>(
+    s: &SocketRef<A>,
+    auth: &Option<Value>,
+    allow_query: bool,
+) -> Option<String> {
+    if let Some(Value::String(t)) = auth.as_ref().and_then(|a| a.get("token")) {
+        if !t.is_empty() {
+            return Some(t.clone());
+        }
+    }
+    let parts = s.req_parts();
+    let header = parts
+        .headers
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")));
+    if let Some(t) = header.filter(|t| !t.trim().is_empty()) {
+        return Some(t.trim().to_string());
+    }
+    if allow_query {
+        let query = parts.uri.query().unwrap_or_default();
+        return query
+            .split('&')
+            .find_map(|kv| kv.strip_prefix("token="))
+            .filter(|t| !t.is_empty())
+            .map(str::to_string);
+    }
+    None
+}
+
+/// Connect middleware: verify the token or refuse with the contract's `connect_error` message.
+pub async fn authenticate<A: Adapter>(
+    s: SocketRef<A>,
+    TryData(auth): TryData<Value>,
+    State(ctx): State<Ctx>,
+) -> Result<(), AuthError> {
+    let auth = auth.ok();
+    let token = presented_token(&s, &auth, ctx.allow_token_in_query).ok_or(AuthError::Missing);
+    let claims = token.and_then(|t| ctx.jwt.verify(&t)).inspect_err(|e| {
+        tracing::info!(sid = %s.id, reason = %e, "connection refused");
+    })?;
+    s.extensions.insert(Session::new(claims, &ctx.limits));
+    Ok(())
+}
+
+/// A socket that passed [`authenticate`]: join its rooms, listen to its events, and arm the
+/// timer that ends it when its token runs out.
+pub async fn on_connect<A: Adapter>(
+    s: SocketRef<A>,
+    io: SocketIo<A>,
+    Extension(session): Extension<Arc<Session>>,
+) {
+    let claims = session.claims();
+    tracing::info!(sid = %s.id, org = %claims.org_id, transport = ?s.transport_type(), "socket connected");
+    s.join(rooms::membership(&claims));
+    s.on("subscribe:site", handlers::subscribe_site::<A>);
+    s.on("unsubscribe:site", handlers::unsubscribe_site::<A>);
+    s.on("subscribe:unit", handlers::subscribe_unit::<A>);
+    s.on("unsubscribe:unit", handlers::unsubscribe_unit::<A>);
+    s.on("get:latest", handlers::get_latest::<A>);
+    s.on("auth:refresh", handlers::auth_refresh::<A>);
+    s.on_fallback(handlers::unknown_event::<A>);
+    s.on_disconnect(on_disconnect::<A>);
+    let task = tokio::spawn(expire_at_deadline(io, s.id, session.clone()));
+    session.set_expiry_task(task.abort_handle());
+}
+
+async fn on_disconnect<A: Adapter>(
+    s: SocketRef<A>,
+    Extension(session): Extension<Arc<Session>>,
+    reason: DisconnectReason,
+) {
+    session.end();
+    tracing::info!(sid = %s.id, ?reason, "socket disconnected");
+}
+
+/// Sleeps until the token's `exp` + leeway (re-reading it, since `auth:refresh` may have moved
+/// it), then emits `auth:expired` and disconnects the socket.
+async fn expire_at_deadline<A: Adapter>(io: SocketIo<A>, sid: Sid, session: Arc<Session>) {
+    loop {
+        let deadline = session.claims().deadline();
+        let now = now_secs();
+        if now > deadline {
+            break;
+        }
+        // One second past the deadline: the handshake accepts a token up to and including it.
+        tokio::time::sleep(Duration::from_secs((deadline - now + 1) as u64)).await;
+    }
+    if let Some(s) = io.get_socket(sid) {
+        tracing::info!(sid = %sid, "token expired, disconnecting");
+        s.emit("auth:expired", &AuthExpired {}).ok();
+        s.disconnect().ok();
+    }
+}

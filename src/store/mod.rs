@@ -1,0 +1,412 @@
+//! Storage: the queries the gateway needs, on SQLite (embedded, one node) or PostgreSQL (shared).
+//!
+//! Both engines run the same SQL wherever they can: times are integer milliseconds, placeholders are
+//! `$N` (which sqlx accepts for SQLite too), and [`with_pool!`] expands one query body for each
+//! engine. What genuinely differs — connecting, migrations, the bulk insert of the hot path — lives
+//! in [`sqlite`] and [`postgres`].
+//!
+//! Every query is scoped by organisation: ids are unique only within one.
+
+mod postgres;
+mod rows;
+mod sqlite;
+
+use std::time::Duration;
+
+use sqlx::{PgPool, SqlitePool};
+
+pub use rows::{AlertRow, ApiKeyRow, ReadingRow, UnitRow};
+
+use crate::wire::{AlertStatus, Site, UpdateUnit};
+
+/// Runs the same expression against whichever pool the store holds.
+macro_rules! with_pool {
+    ($store:expr, |$pool:ident| $body:expr) => {
+        match &$store.engine {
+            Engine::Sqlite($pool) => $body,
+            Engine::Postgres($pool) => $body,
+        }
+    };
+}
+
+#[derive(Clone)]
+enum Engine {
+    Sqlite(SqlitePool),
+    Postgres(PgPool),
+}
+
+/// Runs a statement on whichever pool the store holds; yields the number of rows affected.
+macro_rules! execute {
+    ($store:expr, $sql:expr $(, $bind:expr)* $(,)?) => {
+        with_pool!($store, |p| sqlx::query($sql)
+            $(.bind($bind))*
+            .execute(p)
+            .await
+            .map(|r| r.rows_affected()))
+    };
+}
+
+/// A handle on the database; cheap to clone.
+#[derive(Clone)]
+pub struct Store {
+    engine: Engine,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// A unique constraint said no (an id already used, an alert already open).
+    #[error("conflict on {0}")]
+    Conflict(String),
+    /// The database cannot be reached or is overloaded; the caller should retry later.
+    #[error("storage unavailable: {0}")]
+    Unavailable(sqlx::Error),
+    #[error("storage error: {0}")]
+    Other(sqlx::Error),
+    #[error("migration failed: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+}
+
+impl From<sqlx::Error> for StoreError {
+    fn from(e: sqlx::Error) -> Self {
+        match &e {
+            sqlx::Error::Database(db) if db.is_unique_violation() => {
+                StoreError::Conflict(db.constraint().unwrap_or("unique").to_string())
+            }
+            sqlx::Error::PoolTimedOut
+            | sqlx::Error::PoolClosed
+            | sqlx::Error::Io(_)
+            | sqlx::Error::Tls(_)
+            | sqlx::Error::WorkerCrashed => StoreError::Unavailable(e),
+            sqlx::Error::Database(db)
+                if matches!(db.code().as_deref(), Some("5" | "6" | "57P01" | "57P03")) =>
+            {
+                // SQLITE_BUSY / SQLITE_LOCKED, or PostgreSQL shutting down / starting up.
+                StoreError::Unavailable(e)
+            }
+            _ => StoreError::Other(e),
+        }
+    }
+}
+
+pub type Result<T, E = StoreError> = std::result::Result<T, E>;
+
+/// The fields of a new unit, validated by the caller.
+pub struct NewUnit<'a> {
+    pub id: &'a str,
+    pub site_id: &'a str,
+    pub name: &'a str,
+    pub temp_min: Option<f64>,
+    pub temp_max: Option<f64>,
+    pub offline_after_seconds: i64,
+}
+
+/// What `DELETE /api/sites/{id}` found.
+#[derive(Debug, PartialEq, Eq)]
+pub enum DeleteSite {
+    Deleted,
+    NotFound,
+    HasUnits,
+}
+
+/// Filters of the readings history.
+pub struct ReadingsQuery {
+    pub since: Option<i64>,
+    pub until: Option<i64>,
+    pub limit: i64,
+}
+
+impl Store {
+    /// Connects (creating an SQLite file and its directory if needed) and applies migrations.
+    pub async fn open(url: &str) -> Result<Self> {
+        let store = Self::connect(url).await?;
+        store.migrate().await?;
+        Ok(store)
+    }
+
+    pub async fn connect(url: &str) -> Result<Self> {
+        let engine = if url.starts_with("sqlite:") {
+            Engine::Sqlite(sqlite::connect(url).await?)
+        } else {
+            Engine::Postgres(postgres::connect(url).await?)
+        };
+        Ok(Store { engine })
+    }
+
+    pub async fn migrate(&self) -> Result<()> {
+        match &self.engine {
+            Engine::Sqlite(pool) => sqlite::MIGRATOR.run(pool).await?,
+            Engine::Postgres(pool) => postgres::MIGRATOR.run(pool).await?,
+        }
+        Ok(())
+    }
+
+    pub fn engine_name(&self) -> &'static str {
+        match self.engine {
+            Engine::Sqlite(_) => "sqlite",
+            Engine::Postgres(_) => "postgres",
+        }
+    }
+
+    /// A cheap round trip, for `/readyz`.
+    pub async fn ping(&self) -> Result<()> {
+        let fut = async { execute!(self, "SELECT 1") };
+        match tokio::time::timeout(Duration::from_secs(2), fut).await {
+            Ok(r) => r.map(|_| ()).map_err(Into::into),
+            Err(_) => Err(StoreError::Unavailable(sqlx::Error::PoolTimedOut)),
+        }
+    }
+
+    pub async fn close(&self) {
+        with_pool!(self, |p| p.close().await)
+    }
+
+    async fn ensure_org(&self, org: &str) -> Result<()> {
+        const SQL: &str =
+            "INSERT INTO organisations (id, created_at) VALUES ($1, $2) ON CONFLICT (id) DO NOTHING";
+        execute!(self, SQL, org, now_ms())?;
+        Ok(())
+    }
+
+    // ---- sites --------------------------------------------------------------------------------
+
+    pub async fn create_site(&self, org: &str, id: &str, name: &str) -> Result<Site> {
+        self.ensure_org(org).await?;
+        const SQL: &str = "INSERT INTO sites (org_id, id, name, created_at) VALUES ($1, $2, $3, $4)";
+        execute!(self, SQL, org, id, name, now_ms())?;
+        Ok(Site {
+            id: id.into(),
+            name: name.into(),
+        })
+    }
+
+    pub async fn list_sites(&self, org: &str) -> Result<Vec<Site>> {
+        const SQL: &str = "SELECT id, name FROM sites WHERE org_id = $1 ORDER BY id";
+        let rows: Vec<(String, String)> =
+            with_pool!(self, |p| sqlx::query_as(SQL).bind(org).fetch_all(p).await)?;
+        Ok(rows
+            .into_iter()
+            .map(|(id, name)| Site { id, name })
+            .collect())
+    }
+
+    pub async fn get_site(&self, org: &str, id: &str) -> Result<Option<Site>> {
+        const SQL: &str = "SELECT id, name FROM sites WHERE org_id = $1 AND id = $2";
+        let row: Option<(String, String)> = with_pool!(self, |p| sqlx::query_as(SQL)
+            .bind(org)
+            .bind(id)
+            .fetch_optional(p)
+            .await)?;
+        Ok(row.map(|(id, name)| Site { id, name }))
+    }
+
+    /// Deletes an empty site. A site with units is refused: deleting it would silently drop
+    /// their readings and alerts, so the operator deletes the units first.
+    pub async fn delete_site(&self, org: &str, id: &str) -> Result<DeleteSite> {
+        const UNITS: &str = "SELECT COUNT(*) FROM units WHERE org_id = $1 AND site_id = $2";
+        const DEL: &str = "DELETE FROM sites WHERE org_id = $1 AND id = $2";
+        let (units,): (i64,) = with_pool!(self, |p| sqlx::query_as(UNITS)
+            .bind(org)
+            .bind(id)
+            .fetch_one(p)
+            .await)?;
+        if units > 0 {
+            return Ok(DeleteSite::HasUnits);
+        }
+        let affected = execute!(self, DEL, org, id)?;
+        Ok(if affected == 0 {
+            DeleteSite::NotFound
+        } else {
+            DeleteSite::Deleted
+        })
+    }
+
+    // ---- units --------------------------------------------------------------------------------
+
+    pub async fn create_unit(&self, org: &str, u: NewUnit<'_>) -> Result<UnitRow> {
+        const SQL: &str = "INSERT INTO units (org_id, id, site_id, name, temp_min, temp_max, \
+                           offline_after_seconds, created_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)";
+        execute!(self, SQL, org, u.id, u.site_id, u.name, u.temp_min, u.temp_max, u.offline_after_seconds, now_ms())?;
+        self.get_unit(org, u.id)
+            .await?
+            .ok_or_else(|| StoreError::Other(sqlx::Error::RowNotFound))
+    }
+
+    pub async fn list_units(&self, org: &str) -> Result<Vec<UnitRow>> {
+        let sql = format!("{} WHERE org_id = $1 ORDER BY site_id, id", rows::UNIT_SELECT);
+        with_pool!(self, |p| sqlx::query_as(&sql)
+            .bind(org)
+            .fetch_all(p)
+            .await)
+        .map_err(Into::into)
+    }
+
+    pub async fn get_unit(&self, org: &str, id: &str) -> Result<Option<UnitRow>> {
+        let sql = format!("{} WHERE org_id = $1 AND id = $2", rows::UNIT_SELECT);
+        with_pool!(self, |p| sqlx::query_as(&sql)
+            .bind(org)
+            .bind(id)
+            .fetch_optional(p)
+            .await)
+        .map_err(Into::into)
+    }
+
+    /// The site a unit belongs to, for authorisation.
+    pub async fn unit_site(&self, org: &str, unit: &str) -> Result<Option<String>> {
+        const SQL: &str = "SELECT site_id FROM units WHERE org_id = $1 AND id = $2";
+        let row: Option<(String,)> = with_pool!(self, |p| sqlx::query_as(SQL)
+            .bind(org)
+            .bind(unit)
+            .fetch_optional(p)
+            .await)?;
+        Ok(row.map(|(s,)| s))
+    }
+
+    /// Applies a validated patch; `None` when the unit does not exist.
+    pub async fn update_unit(
+        &self,
+        org: &str,
+        id: &str,
+        patch: &UpdateUnit,
+    ) -> Result<Option<UnitRow>> {
+        let Some(current) = self.get_unit(org, id).await? else {
+            return Ok(None);
+        };
+        let name = patch.name.as_deref().unwrap_or(&current.name);
+        let temp_min = patch.temp_min.unwrap_or(current.temp_min);
+        let temp_max = patch.temp_max.unwrap_or(current.temp_max);
+        let offline = patch
+            .offline_after_seconds
+            .unwrap_or(current.offline_after_seconds);
+        const SQL: &str = "UPDATE units SET name = $3, temp_min = $4, temp_max = $5, \
+                           offline_after_seconds = $6 WHERE org_id = $1 AND id = $2";
+        execute!(self, SQL, org, id, name, temp_min, temp_max, offline)?;
+        self.get_unit(org, id).await
+    }
+
+    /// Deletes a unit with its readings and alerts, in one transaction.
+    pub async fn delete_unit(&self, org: &str, id: &str) -> Result<bool> {
+        const STEPS: [&str; 3] = [
+            "DELETE FROM readings WHERE org_id = $1 AND unit_id = $2",
+            "DELETE FROM alerts WHERE org_id = $1 AND unit_id = $2",
+            "DELETE FROM units WHERE org_id = $1 AND id = $2",
+        ];
+        let deleted = with_pool!(self, |p| {
+            let mut tx = p.begin().await?;
+            let mut last = 0;
+            for sql in STEPS {
+                last = sqlx::query(sql)
+                    .bind(org)
+                    .bind(id)
+                    .execute(&mut *tx)
+                    .await?
+                    .rows_affected();
+            }
+            tx.commit().await?;
+            Ok::<_, sqlx::Error>(last)
+        })?;
+        Ok(deleted > 0)
+    }
+
+    // ---- readings -----------------------------------------------------------------------------
+
+    pub async fn latest_reading(&self, org: &str, unit: &str) -> Result<Option<ReadingRow>> {
+        let sql = format!(
+            "{} WHERE org_id = $1 AND unit_id = $2 ORDER BY recorded_at DESC, id DESC LIMIT 1",
+            rows::READING_SELECT
+        );
+        with_pool!(self, |p| sqlx::query_as(&sql)
+            .bind(org)
+            .bind(unit)
+            .fetch_optional(p)
+            .await)
+        .map_err(Into::into)
+    }
+
+    /// The newest `limit` readings of a unit within `[since, until]`, oldest first.
+    pub async fn readings(
+        &self,
+        org: &str,
+        unit: &str,
+        q: &ReadingsQuery,
+    ) -> Result<Vec<ReadingRow>> {
+        let sql = format!(
+            "{} WHERE org_id = $1 AND unit_id = $2 AND recorded_at >= $3 AND recorded_at <= $4 \
+             ORDER BY recorded_at DESC, id DESC LIMIT $5",
+            rows::READING_SELECT
+        );
+        let mut rows: Vec<ReadingRow> = with_pool!(self, |p| sqlx::query_as(&sql)
+            .bind(org)
+            .bind(unit)
+            .bind(q.since.unwrap_or(i64::MIN))
+            .bind(q.until.unwrap_or(i64::MAX))
+            .bind(q.limit)
+            .fetch_all(p)
+            .await)?;
+        rows.reverse();
+        Ok(rows)
+    }
+
+    // ---- alerts -------------------------------------------------------------------------------
+
+    /// An organisation's alerts, newest first, optionally by status.
+    pub async fn list_alerts(
+        &self,
+        org: &str,
+        status: Option<AlertStatus>,
+        limit: i64,
+    ) -> Result<Vec<AlertRow>> {
+        let status = status.map(|s| match s {
+            AlertStatus::Active => "active",
+            AlertStatus::Resolved => "resolved",
+        });
+        let sql = format!(
+            "{} WHERE org_id = $1 AND ($2 IS NULL OR status = $2) \
+             ORDER BY triggered_at DESC, id DESC LIMIT $3",
+            rows::ALERT_SELECT
+        );
+        with_pool!(self, |p| sqlx::query_as(&sql)
+            .bind(org)
+            .bind(status)
+            .bind(limit)
+            .fetch_all(p)
+            .await)
+        .map_err(Into::into)
+    }
+
+    // ---- API keys -----------------------------------------------------------------------------
+
+    pub async fn create_api_key(
+        &self,
+        org: &str,
+        id: &str,
+        name: &str,
+        hash: &str,
+        scopes: &str,
+    ) -> Result<()> {
+        self.ensure_org(org).await?;
+        const SQL: &str = "INSERT INTO api_keys (id, org_id, name, key_hash, scopes, created_at) \
+                           VALUES ($1, $2, $3, $4, $5, $6)";
+        execute!(self, SQL, id, org, name, hash, scopes, now_ms())?;
+        Ok(())
+    }
+
+    /// The live (not revoked) key with this hash.
+    pub async fn find_api_key(&self, hash: &str) -> Result<Option<ApiKeyRow>> {
+        const SQL: &str = "SELECT id, org_id, scopes FROM api_keys \
+                           WHERE key_hash = $1 AND revoked_at IS NULL";
+        with_pool!(self, |p| sqlx::query_as(SQL).bind(hash).fetch_optional(p).await)
+            .map_err(Into::into)
+    }
+
+    /// Revokes a key of this organisation; false when there is no such live key.
+    pub async fn revoke_api_key(&self, org: &str, id: &str) -> Result<bool> {
+        const SQL: &str = "UPDATE api_keys SET revoked_at = $3 \
+                           WHERE org_id = $1 AND id = $2 AND revoked_at IS NULL";
+        let affected = execute!(self, SQL, org, id, now_ms())?;
+        Ok(affected > 0)
+    }
+}
+
+pub fn now_ms() -> i64 {
+    chrono::Utc::now().timestamp_millis()
+}

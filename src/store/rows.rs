@@ -1,0 +1,121 @@
+//! Rows as the database returns them, and their conversion to wire types.
+
+use crate::wire::{
+    Alert, AlertStatus, AlertType, SensorReading, Severity, Unit, UnitStatus, format_time,
+};
+
+pub(super) const UNIT_SELECT: &str = "SELECT id, site_id, name, temp_min, temp_max, \
+    offline_after_seconds, status, status_since, last_reading_at, last_temperature FROM units";
+
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct UnitRow {
+    pub id: String,
+    pub site_id: String,
+    pub name: String,
+    pub temp_min: Option<f64>,
+    pub temp_max: Option<f64>,
+    pub offline_after_seconds: i64,
+    pub status: String,
+    pub status_since: Option<i64>,
+    pub last_reading_at: Option<i64>,
+    pub last_temperature: Option<f64>,
+}
+
+impl From<UnitRow> for Unit {
+    fn from(r: UnitRow) -> Self {
+        Unit {
+            id: r.id,
+            site_id: r.site_id,
+            name: r.name,
+            temp_min: r.temp_min,
+            temp_max: r.temp_max,
+            offline_after_seconds: r.offline_after_seconds,
+            status: UnitStatus::parse(&r.status),
+            last_reading_at: r.last_reading_at.map(format_time),
+            last_temperature: r.last_temperature,
+        }
+    }
+}
+
+pub(super) const READING_SELECT: &str = "SELECT id, unit_id, device_id, temperature, humidity, \
+    battery, signal_strength, recorded_at, source FROM readings";
+
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct ReadingRow {
+    pub id: i64,
+    pub unit_id: String,
+    pub device_id: String,
+    pub temperature: f64,
+    pub humidity: Option<f64>,
+    pub battery: Option<f64>,
+    pub signal_strength: Option<f64>,
+    pub recorded_at: i64,
+    pub source: String,
+}
+
+impl From<ReadingRow> for SensorReading {
+    fn from(r: ReadingRow) -> Self {
+        SensorReading {
+            id: r.id.to_string(),
+            unit_id: r.unit_id,
+            device_id: (!r.device_id.is_empty()).then_some(r.device_id),
+            temperature: r.temperature,
+            humidity: r.humidity,
+            battery: r.battery,
+            signal_strength: r.signal_strength,
+            recorded_at: format_time(r.recorded_at),
+            source: r.source,
+        }
+    }
+}
+
+pub(super) const ALERT_SELECT: &str = "SELECT id, unit_id, site_id, alert_type, severity, \
+    message, status, triggered_at, resolved_at, value, threshold FROM alerts";
+
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct AlertRow {
+    pub id: String,
+    pub unit_id: String,
+    pub site_id: String,
+    pub alert_type: String,
+    pub severity: String,
+    pub message: String,
+    pub status: String,
+    pub triggered_at: i64,
+    pub resolved_at: Option<i64>,
+    pub value: Option<f64>,
+    pub threshold: Option<f64>,
+}
+
+impl From<AlertRow> for Alert {
+    fn from(r: AlertRow) -> Self {
+        Alert {
+            alert_id: r.id,
+            unit_id: r.unit_id,
+            site_id: r.site_id,
+            alert_type: AlertType::parse(&r.alert_type).unwrap_or(AlertType::Offline),
+            severity: if r.severity == "critical" {
+                Severity::Critical
+            } else {
+                Severity::Warning
+            },
+            message: r.message,
+            status: if r.status == "active" {
+                AlertStatus::Active
+            } else {
+                AlertStatus::Resolved
+            },
+            triggered_at: format_time(r.triggered_at),
+            resolved_at: r.resolved_at.map(format_time),
+            value: r.value,
+            threshold: r.threshold,
+        }
+    }
+}
+
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct ApiKeyRow {
+    pub id: String,
+    pub org_id: String,
+    pub scopes: String,
+}

@@ -1,0 +1,310 @@
+//! The wire contract as Rust types: every payload that crosses the wire, in either direction.
+//!
+//! These types are the single source of `proto/`: the TypeScript typings (ts-rs), the JSON Schemas
+//! and the OpenAPI document (utoipa) are generated from them by `sensorwire proto`, and a test fails
+//! when the committed files are stale. Field names follow CONTRACT.md exactly (camelCase on the wire).
+//! Times are RFC 3339 UTC strings with millisecond precision, built with [`format_time`].
+
+use chrono::{DateTime, SecondsFormat, Utc};
+use serde::{Deserialize, Serialize};
+use ts_rs::TS;
+use utoipa::ToSchema;
+
+/// Formats epoch milliseconds the way the contract wants times: `2026-01-02T03:04:05.678Z`.
+pub fn format_time(ms: i64) -> String {
+    DateTime::<Utc>::from_timestamp_millis(ms)
+        .unwrap_or_default()
+        .to_rfc3339_opts(SecondsFormat::Millis, true)
+}
+
+/// One stored reading, as pushed live (`sensor:reading`) and in batches.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, TS, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SensorReading {
+    /// The stored id (a string, opaque to clients).
+    pub id: String,
+    pub unit_id: String,
+    pub device_id: Option<String>,
+    pub temperature: f64,
+    pub humidity: Option<f64>,
+    pub battery: Option<f64>,
+    pub signal_strength: Option<f64>,
+    /// RFC 3339 UTC, millisecond precision.
+    pub recorded_at: String,
+    /// Where the reading came from; `"api"` when the sender gave none.
+    pub source: String,
+}
+
+/// A site: a group of units (a store, a warehouse).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, TS, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Site {
+    pub id: String,
+    pub name: String,
+}
+
+/// A unit's status: `unknown` until its first reading.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, TS, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum UnitStatus {
+    Unknown,
+    Ok,
+    Excursion,
+    Offline,
+}
+
+impl UnitStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            UnitStatus::Unknown => "unknown",
+            UnitStatus::Ok => "ok",
+            UnitStatus::Excursion => "excursion",
+            UnitStatus::Offline => "offline",
+        }
+    }
+
+    pub fn parse(s: &str) -> Self {
+        match s {
+            "ok" => UnitStatus::Ok,
+            "excursion" => UnitStatus::Excursion,
+            "offline" => UnitStatus::Offline,
+            _ => UnitStatus::Unknown,
+        }
+    }
+}
+
+/// A fridge or freezer with its safe range.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, TS, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Unit {
+    pub id: String,
+    pub site_id: String,
+    pub name: String,
+    pub temp_min: Option<f64>,
+    pub temp_max: Option<f64>,
+    pub offline_after_seconds: i64,
+    pub status: UnitStatus,
+    pub last_reading_at: Option<String>,
+    pub last_temperature: Option<f64>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, TS, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum AlertType {
+    TempHigh,
+    TempLow,
+    Offline,
+}
+
+impl AlertType {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AlertType::TempHigh => "temp_high",
+            AlertType::TempLow => "temp_low",
+            AlertType::Offline => "offline",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "temp_high" => Some(AlertType::TempHigh),
+            "temp_low" => Some(AlertType::TempLow),
+            "offline" => Some(AlertType::Offline),
+            _ => None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, TS, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Severity {
+    Warning,
+    Critical,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, TS, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum AlertStatus {
+    Active,
+    Resolved,
+}
+
+/// A stored alert, as listed by `GET /api/alerts`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, TS, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Alert {
+    pub alert_id: String,
+    pub unit_id: String,
+    pub site_id: String,
+    pub alert_type: AlertType,
+    pub severity: Severity,
+    pub message: String,
+    pub status: AlertStatus,
+    pub triggered_at: String,
+    pub resolved_at: Option<String>,
+    pub value: Option<f64>,
+    pub threshold: Option<f64>,
+}
+
+/// The JSON body of every HTTP error.
+#[derive(Debug, Clone, Serialize, Deserialize, TS, ToSchema)]
+pub struct ApiError {
+    /// A stable machine-readable code: `bad_request`, `unauthorized`, `forbidden`, `not_found`,
+    /// `conflict`, `payload_too_large`, `validation_failed`, `rate_limited`, `unavailable`, `internal`.
+    pub error: String,
+    /// What went wrong, for a person.
+    pub message: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[ts(optional)]
+    pub details: Option<Vec<FieldError>>,
+}
+
+/// One invalid field of a request, by index (for lists) and field name.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, TS, ToSchema)]
+pub struct FieldError {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[ts(optional)]
+    pub index: Option<usize>,
+    pub field: String,
+    pub message: String,
+}
+
+// ---- Admin requests -------------------------------------------------------------------------
+
+/// `POST /api/sites`.
+#[derive(Debug, Clone, Serialize, Deserialize, TS, ToSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct CreateSite {
+    /// Optional caller-chosen id (1–64 chars of `[A-Za-z0-9_.:-]`); generated when absent.
+    #[serde(default)]
+    #[ts(optional)]
+    pub id: Option<String>,
+    pub name: String,
+}
+
+/// `POST /api/units`.
+#[derive(Debug, Clone, Serialize, Deserialize, TS, ToSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct CreateUnit {
+    #[serde(default)]
+    #[ts(optional)]
+    pub id: Option<String>,
+    pub site_id: String,
+    pub name: String,
+    #[serde(default)]
+    #[ts(optional)]
+    pub temp_min: Option<f64>,
+    #[serde(default)]
+    #[ts(optional)]
+    pub temp_max: Option<f64>,
+    /// Seconds of silence before an `offline` alert (default 300, minimum 1).
+    #[serde(default)]
+    #[ts(optional)]
+    pub offline_after_seconds: Option<i64>,
+}
+
+/// `PATCH /api/units/{id}`: absent fields are left alone; `null` clears a threshold.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, TS, ToSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct UpdateUnit {
+    #[serde(default)]
+    #[ts(optional)]
+    pub name: Option<String>,
+    #[serde(default, with = "double_option")]
+    #[ts(optional, type = "number | null")]
+    #[schema(value_type = Option<f64>)]
+    pub temp_min: Option<Option<f64>>,
+    #[serde(default, with = "double_option")]
+    #[ts(optional, type = "number | null")]
+    #[schema(value_type = Option<f64>)]
+    pub temp_max: Option<Option<f64>>,
+    #[serde(default)]
+    #[ts(optional)]
+    pub offline_after_seconds: Option<i64>,
+}
+
+/// Distinguishes an absent field (`None`) from an explicit `null` (`Some(None)`).
+mod double_option {
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    pub fn serialize<S: Serializer>(v: &Option<Option<f64>>, s: S) -> Result<S::Ok, S::Error> {
+        v.flatten().serialize(s)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Option<f64>>, D::Error> {
+        Option::<f64>::deserialize(d).map(Some)
+    }
+}
+
+/// A scope of a device API key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, TS, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum KeyScope {
+    Ingest,
+    Publish,
+}
+
+impl KeyScope {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            KeyScope::Ingest => "ingest",
+            KeyScope::Publish => "publish",
+        }
+    }
+}
+
+/// `POST /api/keys`.
+#[derive(Debug, Clone, Serialize, Deserialize, TS, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateApiKey {
+    pub name: String,
+    /// Defaults to `["ingest"]`.
+    #[serde(default)]
+    #[ts(optional)]
+    pub scopes: Option<Vec<KeyScope>>,
+}
+
+/// The answer to `POST /api/keys`: the only time the key itself is shown.
+#[derive(Debug, Clone, Serialize, Deserialize, TS, ToSchema)]
+pub struct ApiKeyCreated {
+    pub id: String,
+    pub key: String,
+    pub scopes: Vec<KeyScope>,
+}
+
+// ---- Socket.io payloads ---------------------------------------------------------------------
+
+/// Ack of `subscribe:*` / `unsubscribe:*`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, TS, ToSchema)]
+pub struct SubscribeAck {
+    pub ok: bool,
+    /// `forbidden`, `not_found` or `rate_limited` when `ok` is false.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[ts(optional)]
+    pub error: Option<String>,
+}
+
+/// Ack of `auth:refresh`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, TS, ToSchema)]
+pub struct RefreshAck {
+    pub ok: bool,
+    /// The new token's `exp` (seconds since the epoch) when `ok`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[ts(optional)]
+    pub exp: Option<i64>,
+    /// `invalid_token`, `token_expired` or `forbidden` (another user or organisation).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[ts(optional)]
+    pub error: Option<String>,
+}
+
+/// The `error` event, for a failed request that carried no ack callback.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, TS, ToSchema)]
+pub struct ErrorEvent {
+    pub code: String,
+    pub message: String,
+}
+
+/// The `auth:expired` event: always `{}`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, TS, ToSchema)]
+pub struct AuthExpired {}
