@@ -57,7 +57,11 @@ pub enum LogFormat {
 #[derive(Debug, Clone, Args)]
 pub struct DbArgs {
     /// `sqlite:PATH` (embedded, single node) or `postgres://…` (several nodes).
-    #[arg(long, env = "DATABASE_URL", default_value = "sqlite://data/sensorwire.db")]
+    #[arg(
+        long,
+        env = "DATABASE_URL",
+        default_value = "sqlite://data/sensorwire.db"
+    )]
     pub database_url: String,
 }
 
@@ -150,7 +154,10 @@ impl Config {
         check_database_url(&args.db.database_url)?;
         if let Some(url) = &args.redis_url {
             if !(url.starts_with("redis://") || url.starts_with("rediss://")) {
-                return Err(invalid("REDIS_URL", "must start with redis:// or rediss://"));
+                return Err(invalid(
+                    "REDIS_URL",
+                    "must start with redis:// or rediss://",
+                ));
             }
             if args.db.database_url.starts_with("sqlite:") {
                 return Err(invalid(
@@ -170,17 +177,16 @@ impl Config {
                 "set only one of JWT_SECRET, JWT_PUBLIC_KEY_FILE and JWKS_FILE",
             ));
         }
-        if let Some(secret) = &args.jwt.jwt_secret {
-            if secret.len() < 16 {
-                return Err(invalid("JWT_SECRET", "must be at least 16 bytes long"));
-            }
+        if let Some(secret) = &args.jwt.jwt_secret
+            && secret.len() < 16
+        {
+            return Err(invalid("JWT_SECRET", "must be at least 16 bytes long"));
         }
         if args.flush_interval_ms == 0 || args.flush_interval_ms > 60_000 {
             return Err(invalid("FLUSH_INTERVAL_MS", "must be between 1 and 60000"));
         }
         for origin in &args.cors_origins {
-            if origin != "*" && !(origin.starts_with("http://") || origin.starts_with("https://"))
-            {
+            if origin != "*" && !(origin.starts_with("http://") || origin.starts_with("https://")) {
                 return Err(invalid(
                     "CORS_ORIGINS",
                     format!("{origin:?} is not an origin like https://dash.example.com"),
@@ -190,11 +196,17 @@ impl Config {
         let l = &args.limits;
         for (name, value) in [
             ("MAX_BODY_BYTES", l.max_body_bytes as u64),
-            ("MAX_READINGS_PER_REQUEST", l.max_readings_per_request as u64),
+            (
+                "MAX_READINGS_PER_REQUEST",
+                l.max_readings_per_request as u64,
+            ),
             ("SOCKET_MAX_PAYLOAD", l.socket_max_payload),
             ("SOCKET_BUFFER_SIZE", l.socket_buffer_size as u64),
             ("MAX_ROOMS_PER_SOCKET", l.max_rooms_per_socket as u64),
-            ("SOCKET_EVENTS_PER_SECOND", l.socket_events_per_second as u64),
+            (
+                "SOCKET_EVENTS_PER_SECOND",
+                l.socket_events_per_second as u64,
+            ),
             ("SOCKET_EVENTS_BURST", l.socket_events_burst as u64),
             ("SOCKET_ABUSE_LIMIT", l.socket_abuse_limit as u64),
             ("HANDSHAKE_TIMEOUT_SECS", l.handshake_timeout_secs),
@@ -217,13 +229,17 @@ impl Config {
 }
 
 pub fn check_database_url(url: &str) -> Result<(), ConfigError> {
-    if url.starts_with("sqlite:") || url.starts_with("postgres://") || url.starts_with("postgresql://")
+    if url.starts_with("sqlite:")
+        || url.starts_with("postgres://")
+        || url.starts_with("postgresql://")
     {
         Ok(())
     } else {
         Err(invalid(
             "DATABASE_URL",
-            format!("{url:?} must start with sqlite: (e.g. sqlite://data/sensorwire.db) or postgres://"),
+            format!(
+                "{url:?} must start with sqlite: (e.g. sqlite://data/sensorwire.db) or postgres://"
+            ),
         ))
     }
 }

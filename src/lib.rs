@@ -43,7 +43,10 @@ pub fn jwt_verifier(config: &Config) -> anyhow::Result<JwtVerifier> {
             "no JWT_SECRET, JWT_PUBLIC_KEY_FILE or JWKS_FILE set: using the development secret in \
              {DATA_DIR}/dev-jwt-secret (set JWT_SECRET in production)"
         );
-        Some(auth::jwt::dev_secret(Path::new(DATA_DIR)).context("creating the development secret")?)
+        Some(
+            auth::jwt::dev_secret(Path::new(DATA_DIR))
+                .context("creating the development secret")?,
+        )
     };
     Ok(JwtVerifier::from_args(j, dev)?)
 }

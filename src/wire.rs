@@ -24,12 +24,17 @@ pub struct SensorReading {
     /// The stored id (a string, opaque to clients).
     pub id: String,
     pub unit_id: String,
+    #[schema(required = true)]
     pub device_id: Option<String>,
     pub temperature: f64,
+    #[schema(required = true)]
     pub humidity: Option<f64>,
+    #[schema(required = true)]
     pub battery: Option<f64>,
+    #[schema(required = true)]
     pub signal_strength: Option<f64>,
     /// RFC 3339 UTC, millisecond precision.
+    #[schema(format = DateTime)]
     pub recorded_at: String,
     /// Where the reading came from; `"api"` when the sender gave none.
     pub source: String,
@@ -80,11 +85,16 @@ pub struct Unit {
     pub id: String,
     pub site_id: String,
     pub name: String,
+    #[schema(required = true)]
     pub temp_min: Option<f64>,
+    #[schema(required = true)]
     pub temp_max: Option<f64>,
+    #[ts(type = "number")]
     pub offline_after_seconds: i64,
     pub status: UnitStatus,
+    #[schema(required = true, format = DateTime)]
     pub last_reading_at: Option<String>,
+    #[schema(required = true)]
     pub last_temperature: Option<f64>,
 }
 
@@ -140,9 +150,13 @@ pub struct Alert {
     pub severity: Severity,
     pub message: String,
     pub status: AlertStatus,
+    #[schema(format = DateTime)]
     pub triggered_at: String,
+    #[schema(required = true, format = DateTime)]
     pub resolved_at: Option<String>,
+    #[schema(required = true)]
     pub value: Option<f64>,
+    #[schema(required = true)]
     pub threshold: Option<f64>,
 }
 
@@ -200,6 +214,7 @@ pub struct CreateUnit {
     /// Seconds of silence before an `offline` alert (default 300, minimum 1).
     #[serde(default)]
     #[ts(optional)]
+    #[ts(type = "number")]
     pub offline_after_seconds: Option<i64>,
 }
 
@@ -220,6 +235,7 @@ pub struct UpdateUnit {
     pub temp_max: Option<Option<f64>>,
     #[serde(default)]
     #[ts(optional)]
+    #[ts(type = "number")]
     pub offline_after_seconds: Option<i64>,
 }
 
@@ -291,6 +307,7 @@ pub struct RefreshAck {
     /// The new token's `exp` (seconds since the epoch) when `ok`.
     #[serde(skip_serializing_if = "Option::is_none")]
     #[ts(optional)]
+    #[ts(type = "number | undefined")]
     pub exp: Option<i64>,
     /// `invalid_token`, `token_expired` or `forbidden` (another user or organisation).
     #[serde(skip_serializing_if = "Option::is_none")]

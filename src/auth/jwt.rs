@@ -67,7 +67,10 @@ impl AuthError {
 
 enum Keys {
     /// HS256 with a shared secret; also able to mint tokens.
-    Secret { decoding: DecodingKey, encoding: EncodingKey },
+    Secret {
+        decoding: DecodingKey,
+        encoding: EncodingKey,
+    },
     /// RS256 or ES256 with one public key.
     Public { key: DecodingKey, alg: Algorithm },
     /// RS256/ES256 keys picked by the token's `kid`.
@@ -147,7 +150,10 @@ impl JwtVerifier {
                 if !matches!(header.alg, Algorithm::RS256 | Algorithm::ES256) {
                     return Err(AuthError::Invalid);
                 }
-                (DecodingKey::from_jwk(jwk).map_err(|_| AuthError::Invalid)?, header.alg)
+                (
+                    DecodingKey::from_jwk(jwk).map_err(|_| AuthError::Invalid)?,
+                    header.alg,
+                )
             }
         };
         if header.alg != alg {
@@ -163,12 +169,13 @@ impl JwtVerifier {
         if let Some(iss) = &self.issuer {
             validation.set_issuer(&[iss]);
         }
-        let data = jsonwebtoken::decode::<UserClaims>(token, &key, &validation).map_err(|e| {
-            match e.kind() {
-                ErrorKind::ExpiredSignature => AuthError::Expired,
-                _ => AuthError::Invalid,
-            }
-        })?;
+        let data =
+            jsonwebtoken::decode::<UserClaims>(token, &key, &validation).map_err(|e| {
+                match e.kind() {
+                    ErrorKind::ExpiredSignature => AuthError::Expired,
+                    _ => AuthError::Invalid,
+                }
+            })?;
         let claims = data.claims;
         if claims.sub.is_empty() || !valid_org_id(&claims.org_id) {
             return Err(AuthError::Invalid);
@@ -313,7 +320,8 @@ mod tests {
         let no_exp = serde_json::json!({"sub": "a", "org_id": "o"});
         let t = jsonwebtoken::encode(&Header::default(), &no_exp, &key).unwrap();
         assert_eq!(v.verify(&t), Err(AuthError::Invalid));
-        let bad_role = serde_json::json!({"sub": "a", "org_id": "o", "role": "root", "exp": now_secs() + 60});
+        let bad_role =
+            serde_json::json!({"sub": "a", "org_id": "o", "role": "root", "exp": now_secs() + 60});
         let t = jsonwebtoken::encode(&Header::default(), &bad_role, &key).unwrap();
         assert_eq!(v.verify(&t), Err(AuthError::Invalid));
     }

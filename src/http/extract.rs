@@ -18,7 +18,10 @@ impl FromRequestParts<AppState> for Caller {
             .headers
             .get(header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")));
+            .and_then(|v| {
+                v.strip_prefix("Bearer ")
+                    .or_else(|| v.strip_prefix("bearer "))
+            });
         let api_key = parts.headers.get("x-api-key").and_then(|v| v.to_str().ok());
         let credential = api_key.or(bearer).map(str::trim).unwrap_or_default();
         if credential.is_empty() {

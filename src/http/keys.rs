@@ -29,7 +29,10 @@ pub async fn create(
     let name = valid_name(&req.name)?;
     let scopes = req.scopes.unwrap_or_else(|| vec![KeyScope::Ingest]);
     if scopes.is_empty() {
-        return Err(AppError::validation("scopes", "must name at least one scope"));
+        return Err(AppError::validation(
+            "scopes",
+            "must name at least one scope",
+        ));
     }
     let created = create_key(&app.store, &admin.org_id, name, scopes).await?;
     Ok((StatusCode::CREATED, JsonBody(created)))
@@ -45,7 +48,11 @@ pub async fn create_key(
     scopes.sort_by_key(|s| s.as_str());
     scopes.dedup();
     let key = apikey::generate();
-    let joined = scopes.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(",");
+    let joined = scopes
+        .iter()
+        .map(|s| s.as_str())
+        .collect::<Vec<_>>()
+        .join(",");
     store
         .create_api_key(org, &key.id, name, &key.hash, &joined)
         .await?;

@@ -19,9 +19,17 @@ pub fn router() -> Router<AppState> {
 /// The caller's sites (only those in `site_ids` when the token has it).
 #[utoipa::path(get, path = "/api/sites", tag = "sites", security(("bearer" = [])),
     responses((status = 200, body = [Site]), (status = 401, body = crate::wire::ApiError)))]
-pub async fn list(State(app): State<AppState>, User(user): User) -> Result<JsonBody<Vec<Site>>, AppError> {
+pub async fn list(
+    State(app): State<AppState>,
+    User(user): User,
+) -> Result<JsonBody<Vec<Site>>, AppError> {
     let sites = app.store.list_sites(&user.org_id).await?;
-    Ok(JsonBody(sites.into_iter().filter(|s| user.can_see_site(&s.id)).collect()))
+    Ok(JsonBody(
+        sites
+            .into_iter()
+            .filter(|s| user.can_see_site(&s.id))
+            .collect(),
+    ))
 }
 
 #[utoipa::path(get, path = "/api/sites/{id}", tag = "sites", security(("bearer" = [])),
@@ -36,7 +44,8 @@ pub async fn get_one(
         true => app.store.get_site(&user.org_id, &id).await?,
         false => None,
     };
-    site.map(JsonBody).ok_or_else(|| AppError::NotFound(format!("no site {id:?}")))
+    site.map(JsonBody)
+        .ok_or_else(|| AppError::NotFound(format!("no site {id:?}")))
 }
 
 /// Creates a site (admin). The id may be chosen by the caller.

@@ -32,7 +32,10 @@ async fn visible_unit(app: &AppState, user: &UserClaims, id: &str) -> Result<Uni
 
 #[utoipa::path(get, path = "/api/units", tag = "units", security(("bearer" = [])),
     responses((status = 200, body = [Unit]), (status = 401, body = crate::wire::ApiError)))]
-pub async fn list(State(app): State<AppState>, User(user): User) -> Result<JsonBody<Vec<Unit>>, AppError> {
+pub async fn list(
+    State(app): State<AppState>,
+    User(user): User,
+) -> Result<JsonBody<Vec<Unit>>, AppError> {
     let units = app.store.list_units(&user.org_id).await?;
     Ok(JsonBody(
         units
@@ -100,7 +103,9 @@ pub async fn readings(
         limit,
     };
     let rows = app.store.readings(&user.org_id, &id, &q).await?;
-    Ok(JsonBody(rows.into_iter().map(SensorReading::from).collect()))
+    Ok(JsonBody(
+        rows.into_iter().map(SensorReading::from).collect(),
+    ))
 }
 
 /// Checks thresholds and the offline timeout of a create or a patch.
@@ -114,10 +119,10 @@ fn check_thresholds(
             return Err(AppError::validation(field, "must be a finite number"));
         }
     }
-    if let (Some(min), Some(max)) = (min, max) {
-        if min > max {
-            return Err(AppError::validation("tempMin", "must not be above tempMax"));
-        }
+    if let (Some(min), Some(max)) = (min, max)
+        && min > max
+    {
+        return Err(AppError::validation("tempMin", "must not be above tempMax"));
     }
     if offline.is_some_and(|s| !(1..=31_536_000).contains(&s)) {
         return Err(AppError::validation(

@@ -70,7 +70,13 @@ fn admit<A: Adapter>(s: &SocketRef<A>, session: &Session) -> bool {
 
 fn ack_result<A: Adapter>(reply: Reply<A>, result: Result<(), Refusal>) {
     match result {
-        Ok(()) => reply.send(&SubscribeAck { ok: true, error: None }, None),
+        Ok(()) => reply.send(
+            &SubscribeAck {
+                ok: true,
+                error: None,
+            },
+            None,
+        ),
         Err(r) => reply.send(
             &SubscribeAck {
                 ok: false,
@@ -280,6 +286,9 @@ pub async fn auth_refresh<A: Adapter>(
 
 /// Any other event: counted against the rate limit (so floods of junk get disconnected) and
 /// otherwise ignored, like socket.io does with events nobody listens to.
-pub async fn unknown_event<A: Adapter>(s: SocketRef<A>, Extension(session): Extension<Arc<Session>>) {
+pub async fn unknown_event<A: Adapter>(
+    s: SocketRef<A>,
+    Extension(session): Extension<Arc<Session>>,
+) {
     admit(&s, &session);
 }

@@ -54,17 +54,20 @@ fn presented_token<A: Adapter>(
     auth: &Option<Value>,
     allow_query: bool,
 ) -> Option<String> {
-    if let Some(Value::String(t)) = auth.as_ref().and_then(|a| a.get("token")) {
-        if !t.is_empty() {
-            return Some(t.clone());
-        }
+    if let Some(Value::String(t)) = auth.as_ref().and_then(|a| a.get("token"))
+        && !t.is_empty()
+    {
+        return Some(t.clone());
     }
     let parts = s.req_parts();
     let header = parts
         .headers
         .get(axum::http::header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")));
+        .and_then(|v| {
+            v.strip_prefix("Bearer ")
+                .or_else(|| v.strip_prefix("bearer "))
+        });
     if let Some(t) = header.filter(|t| !t.trim().is_empty()) {
         return Some(t.trim().to_string());
     }

@@ -161,8 +161,7 @@ impl Store {
     }
 
     async fn ensure_org(&self, org: &str) -> Result<()> {
-        const SQL: &str =
-            "INSERT INTO organisations (id, created_at) VALUES ($1, $2) ON CONFLICT (id) DO NOTHING";
+        const SQL: &str = "INSERT INTO organisations (id, created_at) VALUES ($1, $2) ON CONFLICT (id) DO NOTHING";
         execute!(self, SQL, org, now_ms())?;
         Ok(())
     }
@@ -171,7 +170,8 @@ impl Store {
 
     pub async fn create_site(&self, org: &str, id: &str, name: &str) -> Result<Site> {
         self.ensure_org(org).await?;
-        const SQL: &str = "INSERT INTO sites (org_id, id, name, created_at) VALUES ($1, $2, $3, $4)";
+        const SQL: &str =
+            "INSERT INTO sites (org_id, id, name, created_at) VALUES ($1, $2, $3, $4)";
         execute!(self, SQL, org, id, name, now_ms())?;
         Ok(Site {
             id: id.into(),
@@ -225,19 +225,29 @@ impl Store {
     pub async fn create_unit(&self, org: &str, u: NewUnit<'_>) -> Result<UnitRow> {
         const SQL: &str = "INSERT INTO units (org_id, id, site_id, name, temp_min, temp_max, \
                            offline_after_seconds, created_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)";
-        execute!(self, SQL, org, u.id, u.site_id, u.name, u.temp_min, u.temp_max, u.offline_after_seconds, now_ms())?;
+        execute!(
+            self,
+            SQL,
+            org,
+            u.id,
+            u.site_id,
+            u.name,
+            u.temp_min,
+            u.temp_max,
+            u.offline_after_seconds,
+            now_ms()
+        )?;
         self.get_unit(org, u.id)
             .await?
             .ok_or_else(|| StoreError::Other(sqlx::Error::RowNotFound))
     }
 
     pub async fn list_units(&self, org: &str) -> Result<Vec<UnitRow>> {
-        let sql = format!("{} WHERE org_id = $1 ORDER BY site_id, id", rows::UNIT_SELECT);
-        with_pool!(self, |p| sqlx::query_as(&sql)
-            .bind(org)
-            .fetch_all(p)
-            .await)
-        .map_err(Into::into)
+        let sql = format!(
+            "{} WHERE org_id = $1 ORDER BY site_id, id",
+            rows::UNIT_SELECT
+        );
+        with_pool!(self, |p| sqlx::query_as(&sql).bind(org).fetch_all(p).await).map_err(Into::into)
     }
 
     pub async fn get_unit(&self, org: &str, id: &str) -> Result<Option<UnitRow>> {
@@ -394,8 +404,11 @@ impl Store {
     pub async fn find_api_key(&self, hash: &str) -> Result<Option<ApiKeyRow>> {
         const SQL: &str = "SELECT id, org_id, scopes FROM api_keys \
                            WHERE key_hash = $1 AND revoked_at IS NULL";
-        with_pool!(self, |p| sqlx::query_as(SQL).bind(hash).fetch_optional(p).await)
-            .map_err(Into::into)
+        with_pool!(self, |p| sqlx::query_as(SQL)
+            .bind(hash)
+            .fetch_optional(p)
+            .await)
+        .map_err(Into::into)
     }
 
     /// Revokes a key of this organisation; false when there is no such live key.
