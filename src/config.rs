@@ -94,6 +94,18 @@ pub struct Limits {
     /// Most readings in one ingest request.
     #[arg(long, env = "MAX_READINGS_PER_REQUEST", default_value_t = 1000)]
     pub max_readings_per_request: usize,
+    /// Most readings in one `sensor:readings:batch` event; a larger window is split.
+    #[arg(long, env = "BATCH_MAX_READINGS", default_value_t = 500)]
+    pub batch_max_readings: usize,
+    /// Readings stored but not yet flushed to clients before ingest answers 503.
+    #[arg(long, env = "MAX_BUFFERED_READINGS", default_value_t = 200_000)]
+    pub max_buffered_readings: usize,
+    /// Ingest requests waiting for a commit before ingest answers 503.
+    #[arg(long, env = "INGEST_QUEUE", default_value_t = 1024)]
+    pub ingest_queue: usize,
+    /// Milliseconds between sweeps for silent (offline) units.
+    #[arg(long, env = "OFFLINE_SWEEP_MS", default_value_t = 1000)]
+    pub offline_sweep_ms: u64,
     /// Largest Socket.io packet a client may send, in bytes.
     #[arg(long, env = "SOCKET_MAX_PAYLOAD", default_value_t = 64 * 1024)]
     pub socket_max_payload: u64,
@@ -210,6 +222,10 @@ impl Config {
             ("SOCKET_EVENTS_BURST", l.socket_events_burst as u64),
             ("SOCKET_ABUSE_LIMIT", l.socket_abuse_limit as u64),
             ("HANDSHAKE_TIMEOUT_SECS", l.handshake_timeout_secs),
+            ("BATCH_MAX_READINGS", l.batch_max_readings as u64),
+            ("MAX_BUFFERED_READINGS", l.max_buffered_readings as u64),
+            ("INGEST_QUEUE", l.ingest_queue as u64),
+            ("OFFLINE_SWEEP_MS", l.offline_sweep_ms),
         ] {
             if value == 0 {
                 return Err(invalid(name, "must be greater than 0"));

@@ -4,12 +4,16 @@
 //! adapter, the HTTP API, and serves them on a listener the caller bound, until the caller's
 //! shutdown future completes. Nothing here reads the environment; `main.rs` does that once.
 
+pub mod alerts;
 pub mod auth;
 pub mod config;
 pub mod http;
+pub mod ingest;
+pub mod monitor;
 pub mod proto;
 pub mod realtime;
 pub mod store;
+pub mod units;
 pub mod wire;
 
 use std::future::Future;
@@ -20,7 +24,10 @@ use anyhow::Context;
 use axum::Router;
 use socketioxide::adapter::LocalAdapter;
 use socketioxide::handler::ConnectHandler;
+use std::time::Duration;
+
 use tokio::net::TcpListener;
+use tokio::sync::{mpsc, watch};
 use tower_http::trace::TraceLayer;
 
 use auth::JwtVerifier;
@@ -76,10 +83,38 @@ pub async fn run(
         realtime::on_connect::<LocalAdapter>.with(realtime::authenticate::<LocalAdapter>),
     );
 
+    // The pipeline, upstream to downstream: ingest writer → fanout (live + batches) and
+    // monitor (alerts, status) → outbox → emitter.
+    let l = &config.limits;
+    let units = Arc::new(units::Units::new(store.clone()));
+    let (outbox, outgoing) = realtime::outbox::Outbox::new(64 * 1024);
+    let (to_fanout, fanout_rx) = mpsc::channel(1024);
+    let (to_monitor, monitor_rx) = mpsc::channel(1024);
+    let (stop, stopped) = watch::channel(false);
+    let (ingest, writer) = ingest::Ingest::start(
+        store.clone(),
+        l.ingest_queue,
+        l.max_buffered_readings,
+        vec![to_fanout, to_monitor],
+        stopped,
+    );
+    let emitter = tokio::spawn(realtime::outbox::run_emitter(io.clone(), outgoing));
+    let fanout = tokio::spawn(realtime::run_fanout(
+        fanout_rx,
+        outbox.clone(),
+        config.flush_interval,
+        l.batch_max_readings,
+        ingest.buffered(),
+    ));
+    let monitor = monitor::Monitor::new(store.clone(), units.clone(), outbox);
+    let monitor = tokio::spawn(monitor.run(monitor_rx, Duration::from_millis(l.offline_sweep_ms)));
+
     let state = http::AppState {
         config: config.clone(),
         store: store.clone(),
         jwt,
+        ingest,
+        units,
     };
     let app: Router = http::router(state)
         .layer(socket_layer)
@@ -90,6 +125,21 @@ pub async fn run(
         .with_graceful_shutdown(shutdown)
         .await
         .context("serving")?;
+
+    // Every request has been answered. Stop in pipeline order: the writer commits what queued,
+    // the fanout flushes its batches, the monitor finishes, the emitter sends the rest; then the
+    // sockets are closed and storage released.
+    stop.send(true).ok();
+    for (name, task) in [
+        ("writer", writer),
+        ("fanout", fanout),
+        ("monitor", monitor),
+        ("emitter", emitter),
+    ] {
+        if let Err(e) = task.await {
+            tracing::error!(task = name, error = %e, "pipeline task failed during shutdown");
+        }
+    }
     io.close().await;
     store.close().await;
     tracing::info!("stopped");

@@ -325,3 +325,99 @@ pub struct ErrorEvent {
 /// The `auth:expired` event: always `{}`.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, TS, ToSchema)]
 pub struct AuthExpired {}
+
+// ---- Pipeline events ------------------------------------------------------------------------
+
+/// `sensor:readings:batch`: one unit's readings of one flush window, in `recordedAt` order.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, TS, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ReadingsBatch {
+    pub unit_id: String,
+    pub readings: Vec<SensorReading>,
+    /// `readings.length`.
+    pub count: usize,
+}
+
+/// `alert:triggered`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, TS, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct AlertTriggered {
+    pub alert_id: String,
+    pub unit_id: String,
+    pub site_id: String,
+    pub alert_type: AlertType,
+    pub severity: Severity,
+    pub message: String,
+    #[schema(format = DateTime)]
+    pub triggered_at: String,
+    /// The temperature that caused it (`null` for `offline`).
+    #[schema(required = true)]
+    pub value: Option<f64>,
+    /// The limit it crossed (`null` for `offline`).
+    #[schema(required = true)]
+    pub threshold: Option<f64>,
+}
+
+/// `alert:resolved`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, TS, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct AlertResolved {
+    pub alert_id: String,
+    pub unit_id: String,
+    #[schema(format = DateTime)]
+    pub resolved_at: String,
+}
+
+/// `unit:status`, sent on change only.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, TS, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct UnitStatusChanged {
+    pub unit_id: String,
+    pub status: UnitStatus,
+    #[schema(format = DateTime)]
+    pub since: String,
+}
+
+/// One reading of `POST /api/readings/ingest`.
+#[derive(Debug, Clone, Serialize, Deserialize, TS, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct IngestReading {
+    pub unit_id: String,
+    pub temperature: f64,
+    /// RFC 3339; at most 5 minutes in the future.
+    #[schema(format = DateTime)]
+    pub recorded_at: String,
+    #[serde(default)]
+    #[ts(optional)]
+    pub humidity: Option<f64>,
+    #[serde(default)]
+    #[ts(optional)]
+    pub battery: Option<f64>,
+    #[serde(default)]
+    #[ts(optional)]
+    pub signal_strength: Option<f64>,
+    /// Defaults to `"api"`.
+    #[serde(default)]
+    #[ts(optional)]
+    pub source: Option<String>,
+    #[serde(default)]
+    #[ts(optional)]
+    pub device_id: Option<String>,
+}
+
+/// The body of `POST /api/readings/ingest`.
+#[derive(Debug, Clone, Serialize, Deserialize, TS, ToSchema)]
+pub struct IngestRequest {
+    pub readings: Vec<IngestReading>,
+}
+
+/// The answer to an ingest, sent only once every reading is durably stored.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, TS, ToSchema)]
+pub struct IngestResponse {
+    /// Readings stored by this request.
+    pub accepted: usize,
+    /// Readings that were already stored (same unit, time, device and source).
+    pub duplicates: usize,
+    /// `ids[i]` is the stored id of `readings[i]`.
+    pub ids: Vec<String>,
+}

@@ -26,6 +26,8 @@ CREATE TABLE units (
     status_since           BIGINT,
     last_reading_at        BIGINT,
     last_temperature       DOUBLE PRECISION,
+    -- Server time of the last reading received: what the offline sweeper measures silence by.
+    last_seen_at           BIGINT,
     created_at             BIGINT NOT NULL,
     PRIMARY KEY (org_id, id),
     FOREIGN KEY (org_id, site_id) REFERENCES sites (org_id, id)

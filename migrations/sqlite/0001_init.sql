@@ -26,6 +26,8 @@ CREATE TABLE units (
     status_since           INTEGER,
     last_reading_at        INTEGER,
     last_temperature       REAL,
+    -- Server time of the last reading received: what the offline sweeper measures silence by.
+    last_seen_at           INTEGER,
     created_at             INTEGER NOT NULL,
     PRIMARY KEY (org_id, id),
     FOREIGN KEY (org_id, site_id) REFERENCES sites (org_id, id)

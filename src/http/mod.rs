@@ -3,6 +3,7 @@
 mod error;
 mod extract;
 mod health;
+mod ingest;
 mod keys;
 pub mod openapi;
 mod sites;
@@ -30,6 +31,8 @@ pub struct AppState {
     pub config: Arc<Config>,
     pub store: Store,
     pub jwt: Arc<JwtVerifier>,
+    pub ingest: crate::ingest::Ingest,
+    pub units: Arc<crate::units::Units>,
 }
 
 /// The API routes (without Socket.io, which is a layer added in `lib.rs`).
@@ -37,6 +40,7 @@ pub fn router(state: AppState) -> Router {
     let body_limit = state.config.limits.max_body_bytes;
     Router::new()
         .merge(health::router())
+        .merge(ingest::router())
         .merge(sites::router())
         .merge(units::router())
         .merge(keys::router())

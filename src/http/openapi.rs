@@ -3,7 +3,7 @@
 use utoipa::openapi::security::{ApiKey, ApiKeyValue, HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
-use super::{health, keys, sites, units};
+use super::{health, ingest, keys, sites, units};
 use crate::wire;
 
 #[derive(OpenApi)]
@@ -15,7 +15,7 @@ use crate::wire;
                        `X-API-Key` (or `Authorization: Bearer <key>`)."
     ),
     paths(
-        health::healthz, health::readyz,
+        health::healthz, health::readyz, ingest::ingest,
         sites::list, sites::get_one, sites::create, sites::remove,
         units::list, units::get_one, units::create, units::update, units::remove,
         units::latest, units::readings, units::alerts,
@@ -26,6 +26,8 @@ use crate::wire;
         wire::AlertType, wire::AlertStatus, wire::Severity, wire::ApiError, wire::FieldError,
         wire::CreateSite, wire::CreateUnit, wire::UpdateUnit, wire::CreateApiKey,
         wire::ApiKeyCreated, wire::KeyScope,
+        wire::IngestRequest, wire::IngestReading, wire::IngestResponse,
+        wire::ReadingsBatch, wire::AlertTriggered, wire::AlertResolved, wire::UnitStatusChanged,
         wire::SubscribeAck, wire::RefreshAck, wire::ErrorEvent, wire::AuthExpired,
     )),
     modifiers(&Security),

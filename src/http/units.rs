@@ -195,6 +195,7 @@ pub async fn update(
         patch.temp_max.unwrap_or(current.temp_max),
         patch.offline_after_seconds,
     )?;
+    app.units.invalidate(&admin.org_id, &id);
     let unit = app
         .store
         .update_unit(&admin.org_id, &id, &patch)
@@ -213,6 +214,7 @@ pub async fn remove(
     Path(id): Path<String>,
 ) -> Result<StatusCode, AppError> {
     visible_unit(&app, &admin, &id).await?;
+    app.units.invalidate(&admin.org_id, &id);
     if app.store.delete_unit(&admin.org_id, &id).await? {
         Ok(StatusCode::NO_CONTENT)
     } else {

@@ -6,8 +6,10 @@
 //! the client as `connect_error` with the contract's message. Once in, it joins its organisation
 //! and user rooms ([`rooms::membership`]) and its [`Session`] lives in the socket's extensions.
 
+mod fanout;
 mod handlers;
 mod limiter;
+pub mod outbox;
 mod reply;
 pub mod rooms;
 mod session;
@@ -21,6 +23,7 @@ use socketioxide::extract::{Extension, SocketRef, State, TryData};
 use socketioxide::socket::{DisconnectReason, Sid};
 use socketioxide::{SocketIo, SocketIoBuilder};
 
+pub use fanout::run as run_fanout;
 pub use session::Session;
 
 use crate::auth::jwt::now_secs;

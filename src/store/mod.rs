@@ -8,6 +8,7 @@
 //! Every query is scoped by organisation: ids are unique only within one.
 
 mod postgres;
+mod readings;
 mod rows;
 mod sqlite;
 
@@ -15,6 +16,7 @@ use std::time::Duration;
 
 use sqlx::{PgPool, SqlitePool};
 
+pub use readings::{Outcomes, ReadingKey};
 pub use rows::{AlertRow, ApiKeyRow, ReadingRow, UnitRow};
 
 use crate::wire::{AlertStatus, Site, UpdateUnit};
@@ -98,6 +100,19 @@ pub struct NewUnit<'a> {
     pub temp_min: Option<f64>,
     pub temp_max: Option<f64>,
     pub offline_after_seconds: i64,
+}
+
+/// An alert to open.
+pub struct NewAlert<'a> {
+    pub id: &'a str,
+    pub unit_id: &'a str,
+    pub site_id: &'a str,
+    pub alert_type: &'a str,
+    pub severity: &'a str,
+    pub message: &'a str,
+    pub triggered_at: i64,
+    pub value: Option<f64>,
+    pub threshold: Option<f64>,
 }
 
 /// What `DELETE /api/sites/{id}` found.
@@ -381,6 +396,82 @@ impl Store {
             .fetch_all(p)
             .await)
         .map_err(Into::into)
+    }
+
+    /// Opens an alert unless one of its type is already open for the unit (the partial unique
+    /// index decides, across nodes); true when this call opened it.
+    pub async fn open_alert(&self, org: &str, a: &NewAlert<'_>) -> Result<bool> {
+        const SQL: &str = "INSERT INTO alerts (id, org_id, unit_id, site_id, alert_type, severity, \
+                           message, status, triggered_at, value, threshold) \
+                           VALUES ($1, $2, $3, $4, $5, $6, $7, 'active', $8, $9, $10) \
+                           ON CONFLICT DO NOTHING";
+        let n = execute!(
+            self,
+            SQL,
+            a.id,
+            org,
+            a.unit_id,
+            a.site_id,
+            a.alert_type,
+            a.severity,
+            a.message,
+            a.triggered_at,
+            a.value,
+            a.threshold
+        )?;
+        Ok(n == 1)
+    }
+
+    /// Resolves the unit's open alert of this type; its id when this call resolved it.
+    pub async fn resolve_alert(
+        &self,
+        org: &str,
+        unit: &str,
+        alert_type: &str,
+        at: i64,
+    ) -> Result<Option<String>> {
+        const SQL: &str = "UPDATE alerts SET status = 'resolved', resolved_at = $4 \
+                           WHERE org_id = $1 AND unit_id = $2 AND alert_type = $3 AND status = 'active' \
+                           RETURNING id";
+        let row: Option<(String,)> = with_pool!(self, |p| sqlx::query_as(SQL)
+            .bind(org)
+            .bind(unit)
+            .bind(alert_type)
+            .bind(at)
+            .fetch_optional(p)
+            .await)?;
+        Ok(row.map(|(id,)| id))
+    }
+
+    /// Sets a unit's status unless it already has it; true when this call changed it.
+    pub async fn set_unit_status(
+        &self,
+        org: &str,
+        unit: &str,
+        status: &str,
+        since: i64,
+    ) -> Result<bool> {
+        const SQL: &str = "UPDATE units SET status = $3, status_since = $4 \
+                           WHERE org_id = $1 AND id = $2 AND status <> $3";
+        Ok(execute!(self, SQL, org, unit, status, since)? == 1)
+    }
+
+    /// The types of the unit's open alerts.
+    pub async fn active_alert_types(&self, org: &str, unit: &str) -> Result<Vec<String>> {
+        const SQL: &str = "SELECT alert_type FROM alerts WHERE org_id = $1 AND unit_id = $2 AND status = 'active'";
+        let rows: Vec<(String,)> = with_pool!(self, |p| sqlx::query_as(SQL)
+            .bind(org)
+            .bind(unit)
+            .fetch_all(p)
+            .await)?;
+        Ok(rows.into_iter().map(|(t,)| t).collect())
+    }
+
+    /// Units that have sent readings but none for their offline timeout, and are not offline yet.
+    pub async fn silent_units(&self, now: i64) -> Result<Vec<(String, String)>> {
+        const SQL: &str = "SELECT org_id, id FROM units WHERE last_seen_at IS NOT NULL \
+                           AND status <> 'offline' AND last_seen_at + offline_after_seconds * 1000 <= $1";
+        with_pool!(self, |p| sqlx::query_as(SQL).bind(now).fetch_all(p).await).map_err(Into::into)
     }
 
     // ---- API keys -----------------------------------------------------------------------------

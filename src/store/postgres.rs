@@ -16,3 +16,117 @@ pub(super) async fn connect(url: &str) -> Result<PgPool, sqlx::Error> {
         .connect(url)
         .await
 }
+
+use super::readings::{ReadingKey, StoredKey, latest_per_unit};
+use crate::ingest::NewReading;
+
+const INSERT: &str = "INSERT INTO readings (org_id, unit_id, device_id, temperature, humidity, \
+    battery, signal_strength, recorded_at, source, received_at) \
+    SELECT o, u, d, t, h, b, s, r, src, $10 FROM UNNEST($1::text[], $2::text[], $3::text[], \
+    $4::float8[], $5::float8[], $6::float8[], $7::float8[], $8::int8[], $9::text[]) \
+    AS x(o, u, d, t, h, b, s, r, src) \
+    ON CONFLICT DO NOTHING \
+    RETURNING id, org_id, unit_id, recorded_at, device_id, source";
+
+const EXISTING: &str = "SELECT r.id, r.org_id, r.unit_id, r.recorded_at, r.device_id, r.source \
+    FROM UNNEST($1::text[], $2::text[], $3::int8[], $4::text[], $5::text[]) AS k(o, u, ts, d, s) \
+    JOIN readings AS r ON r.org_id = k.o AND r.unit_id = k.u AND r.recorded_at = k.ts \
+    AND r.device_id = k.d AND r.source = k.s";
+
+const TOUCH_UNITS: &str = "UPDATE units SET \
+    last_reading_at = CASE WHEN units.last_reading_at IS NULL OR units.last_reading_at <= v.ts THEN v.ts ELSE units.last_reading_at END, \
+    last_temperature = CASE WHEN units.last_reading_at IS NULL OR units.last_reading_at <= v.ts THEN v.t ELSE units.last_temperature END, \
+    last_seen_at = $5 \
+    FROM UNNEST($1::text[], $2::text[], $3::int8[], $4::float8[]) AS v(o, u, ts, t) \
+    WHERE units.org_id = v.o AND units.id = v.u";
+
+/// One group commit (see `store::readings`), with columns bound as arrays for `UNNEST`.
+pub(super) async fn commit(
+    pool: &PgPool,
+    unique: &[(&str, &NewReading)],
+    all_keys: &[ReadingKey],
+    received_at: i64,
+) -> Result<(Vec<StoredKey>, Vec<StoredKey>), sqlx::Error> {
+    let col = |f: fn(&(&str, &NewReading)) -> String| unique.iter().map(f).collect::<Vec<_>>();
+    let num =
+        |f: fn(&NewReading) -> Option<f64>| unique.iter().map(|(_, r)| f(r)).collect::<Vec<_>>();
+    let mut tx = pool.begin().await?;
+    let inserted: Vec<StoredKey> = sqlx::query_as(INSERT)
+        .bind(col(|(o, _)| o.to_string()))
+        .bind(col(|(_, r)| r.unit_id.clone()))
+        .bind(col(|(_, r)| r.device_id.clone()))
+        .bind(
+            unique
+                .iter()
+                .map(|(_, r)| r.temperature)
+                .collect::<Vec<_>>(),
+        )
+        .bind(num(|r| r.humidity))
+        .bind(num(|r| r.battery))
+        .bind(num(|r| r.signal_strength))
+        .bind(
+            unique
+                .iter()
+                .map(|(_, r)| r.recorded_at)
+                .collect::<Vec<_>>(),
+        )
+        .bind(col(|(_, r)| r.source.clone()))
+        .bind(received_at)
+        .fetch_all(&mut *tx)
+        .await?;
+    let existing = if inserted.len() < all_keys.len() {
+        sqlx::query_as(EXISTING)
+            .bind(
+                all_keys
+                    .iter()
+                    .map(|k| k.org_id.clone())
+                    .collect::<Vec<_>>(),
+            )
+            .bind(
+                all_keys
+                    .iter()
+                    .map(|k| k.unit_id.clone())
+                    .collect::<Vec<_>>(),
+            )
+            .bind(all_keys.iter().map(|k| k.recorded_at).collect::<Vec<_>>())
+            .bind(
+                all_keys
+                    .iter()
+                    .map(|k| k.device_id.clone())
+                    .collect::<Vec<_>>(),
+            )
+            .bind(
+                all_keys
+                    .iter()
+                    .map(|k| k.source.clone())
+                    .collect::<Vec<_>>(),
+            )
+            .fetch_all(&mut *tx)
+            .await?
+    } else {
+        Vec::new()
+    };
+    let latest = latest_per_unit(unique, &inserted);
+    if !latest.is_empty() {
+        sqlx::query(TOUCH_UNITS)
+            .bind(
+                latest
+                    .iter()
+                    .map(|l| l.org_id.to_string())
+                    .collect::<Vec<_>>(),
+            )
+            .bind(
+                latest
+                    .iter()
+                    .map(|l| l.unit_id.to_string())
+                    .collect::<Vec<_>>(),
+            )
+            .bind(latest.iter().map(|l| l.recorded_at).collect::<Vec<_>>())
+            .bind(latest.iter().map(|l| l.temperature).collect::<Vec<_>>())
+            .bind(received_at)
+            .execute(&mut *tx)
+            .await?;
+    }
+    tx.commit().await?;
+    Ok((inserted, existing))
+}

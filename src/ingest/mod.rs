@@ -1,0 +1,233 @@
+//! Durable ingest: validated readings are committed in groups and only then acknowledged.
+//!
+//! Requests queue their readings on a bounded channel; one writer task takes everything that has
+//! queued (up to [`MAX_ROWS_PER_COMMIT`]), stores it in one transaction, answers every request
+//! with its rows' ids, and hands the newly stored readings downstream (live delivery, batches,
+//! alerts). A full queue or too many readings waiting for delivery is refused up front with 503,
+//! so memory stays bounded and nothing of a refused request is stored.
+
+mod validate;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Instant;
+
+use tokio::sync::{mpsc, oneshot, watch};
+
+pub use validate::{Invalid, MAX_FUTURE_MS, NewReading, validate};
+
+use crate::store::{Outcomes, Store, now_ms};
+use crate::wire::SensorReading;
+
+/// The most rows one transaction carries.
+pub const MAX_ROWS_PER_COMMIT: usize = 10_000;
+
+/// A stored reading on its way to clients.
+#[derive(Debug, Clone)]
+pub struct Stored {
+    pub site_id: String,
+    pub recorded_at: i64,
+    pub reading: SensorReading,
+}
+
+/// The new readings of one request, after their commit.
+#[derive(Debug)]
+pub struct Committed {
+    pub org_id: String,
+    pub readings: Vec<Stored>,
+}
+
+/// Why a submission was not stored.
+#[derive(Debug, thiserror::Error)]
+pub enum SubmitError {
+    #[error("the ingest queue is full")]
+    QueueFull,
+    #[error("too many readings are waiting for delivery")]
+    BuffersFull,
+    #[error("storage failed: {0}")]
+    Storage(String),
+    #[error("the gateway is shutting down")]
+    Closed,
+}
+
+struct Job {
+    org_id: String,
+    readings: Vec<NewReading>,
+    /// The site of each reading's unit, resolved at validation.
+    sites: Vec<String>,
+    reply: oneshot::Sender<Result<Outcomes, String>>,
+}
+
+/// The handle requests submit through; cheap to clone.
+#[derive(Clone)]
+pub struct Ingest {
+    queue: mpsc::Sender<Job>,
+    buffered: Arc<AtomicUsize>,
+    max_buffered: usize,
+}
+
+impl Ingest {
+    /// Starts the writer. Committed readings go to every `downstream` channel, in commit order.
+    pub fn start(
+        store: Store,
+        queue_len: usize,
+        max_buffered: usize,
+        downstream: Vec<mpsc::Sender<Arc<Committed>>>,
+        stop: watch::Receiver<bool>,
+    ) -> (Ingest, tokio::task::JoinHandle<()>) {
+        let (tx, rx) = mpsc::channel(queue_len);
+        let buffered = Arc::new(AtomicUsize::new(0));
+        let task = tokio::spawn(writer(store, rx, downstream, buffered.clone(), stop));
+        let ingest = Ingest {
+            queue: tx,
+            buffered,
+            max_buffered,
+        };
+        (ingest, task)
+    }
+
+    /// Readings stored but not yet flushed to clients (shared with the batcher, which releases
+    /// them when it flushes).
+    pub fn buffered(&self) -> Arc<AtomicUsize> {
+        self.buffered.clone()
+    }
+
+    /// Stores the readings and answers once they are durable.
+    pub async fn submit(
+        &self,
+        org_id: String,
+        readings: Vec<NewReading>,
+        sites: Vec<String>,
+    ) -> Result<Outcomes, SubmitError> {
+        if self.buffered.load(Ordering::Relaxed) >= self.max_buffered {
+            return Err(SubmitError::BuffersFull);
+        }
+        let (reply, answer) = oneshot::channel();
+        let job = Job {
+            org_id,
+            readings,
+            sites,
+            reply,
+        };
+        self.queue.try_send(job).map_err(|e| match e {
+            mpsc::error::TrySendError::Full(_) => SubmitError::QueueFull,
+            mpsc::error::TrySendError::Closed(_) => SubmitError::Closed,
+        })?;
+        match answer.await {
+            Ok(Ok(outcomes)) => Ok(outcomes),
+            Ok(Err(cause)) => Err(SubmitError::Storage(cause)),
+            Err(_) => Err(SubmitError::Closed),
+        }
+    }
+}
+
+/// The group-commit loop. On stop it commits what has already queued, then ends, which closes
+/// the downstream channels so the later stages flush and end in turn.
+async fn writer(
+    store: Store,
+    mut rx: mpsc::Receiver<Job>,
+    downstream: Vec<mpsc::Sender<Arc<Committed>>>,
+    buffered: Arc<AtomicUsize>,
+    mut stop: watch::Receiver<bool>,
+) {
+    loop {
+        let first = tokio::select! {
+            biased;
+            job = rx.recv() => match job {
+                Some(job) => job,
+                None => break,
+            },
+            _ = stop.changed() => {
+                rx.close();
+                continue;
+            }
+        };
+        let mut jobs = vec![first];
+        let mut rows = jobs[0].readings.len();
+        while rows < MAX_ROWS_PER_COMMIT {
+            match rx.try_recv() {
+                Ok(job) => {
+                    rows += job.readings.len();
+                    jobs.push(job);
+                }
+                Err(_) => break,
+            }
+        }
+        commit(&store, jobs, rows, &downstream, &buffered).await;
+    }
+    tracing::debug!("ingest writer stopped");
+}
+
+async fn commit(
+    store: &Store,
+    jobs: Vec<Job>,
+    rows: usize,
+    downstream: &[mpsc::Sender<Arc<Committed>>],
+    buffered: &AtomicUsize,
+) {
+    let flat: Vec<(&str, &NewReading)> = jobs
+        .iter()
+        .flat_map(|j| j.readings.iter().map(move |r| (j.org_id.as_str(), r)))
+        .collect();
+    let started = Instant::now();
+    let result = store.commit_readings(&flat, now_ms()).await;
+    drop(flat);
+    let outcomes = match result {
+        Ok(outcomes) => outcomes,
+        Err(e) => {
+            tracing::warn!(requests = jobs.len(), rows, error = %e, "commit failed; nothing stored");
+            for job in jobs {
+                job.reply.send(Err(e.to_string())).ok();
+            }
+            return;
+        }
+    };
+    tracing::debug!(
+        requests = jobs.len(),
+        rows,
+        elapsed_ms = started.elapsed().as_millis() as u64,
+        "group committed"
+    );
+    let mut offset = 0;
+    for job in jobs {
+        let n = job.readings.len();
+        let mine = outcomes[offset..offset + n].to_vec();
+        offset += n;
+        let stored: Vec<Stored> = job
+            .readings
+            .into_iter()
+            .zip(job.sites)
+            .zip(&mine)
+            .filter(|(_, (_, new))| *new)
+            .map(|((r, site_id), (id, _))| Stored {
+                site_id,
+                recorded_at: r.recorded_at,
+                reading: SensorReading {
+                    id: id.to_string(),
+                    unit_id: r.unit_id,
+                    device_id: (!r.device_id.is_empty()).then_some(r.device_id),
+                    temperature: r.temperature,
+                    humidity: r.humidity,
+                    battery: r.battery,
+                    signal_strength: r.signal_strength,
+                    recorded_at: crate::wire::format_time(r.recorded_at),
+                    source: r.source,
+                },
+            })
+            .collect();
+        // Acknowledge first: the rows are durable now, whatever happens downstream.
+        job.reply.send(Ok(mine)).ok();
+        if stored.is_empty() {
+            continue;
+        }
+        buffered.fetch_add(stored.len(), Ordering::Relaxed);
+        let committed = Arc::new(Committed {
+            org_id: job.org_id,
+            readings: stored,
+        });
+        for tx in downstream {
+            // Waiting here is the backpressure: a slow stage fills the queue, and ingest answers 503.
+            tx.send(committed.clone()).await.ok();
+        }
+    }
+}

@@ -1,0 +1,78 @@
+//! Live delivery and batching of stored readings.
+//!
+//! Each reading goes at once to its unit and site rooms (`sensor:reading`), and into its unit's
+//! buffer. Every flush interval the buffers become `sensor:readings:batch` events to the
+//! organisation rooms: one per unit, readings in `recordedAt` order, split at the per-event cap,
+//! never dropped. This task alone owns the buffers, so no locks; when its input closes (shutdown)
+//! it flushes what it holds before ending.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+use tokio::time::MissedTickBehavior;
+
+use super::outbox::Outbox;
+use super::rooms;
+use crate::ingest::{Committed, Stored};
+use crate::wire::ReadingsBatch;
+
+struct UnitBuffer {
+    site_id: String,
+    readings: Vec<Stored>,
+}
+
+pub async fn run(
+    mut input: mpsc::Receiver<Arc<Committed>>,
+    outbox: Outbox,
+    flush_every: Duration,
+    max_per_event: usize,
+    buffered: Arc<AtomicUsize>,
+) {
+    let mut buffers: HashMap<(String, String), UnitBuffer> = HashMap::new();
+    let mut tick = tokio::time::interval(flush_every);
+    tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            committed = input.recv() => {
+                let Some(c) = committed else { break };
+                for s in &c.readings {
+                    let live = vec![rooms::unit(&c.org_id, &s.reading.unit_id), rooms::site(&c.org_id, &s.site_id)];
+                    outbox.send(live, "sensor:reading", &s.reading).await;
+                    buffers
+                        .entry((c.org_id.clone(), s.reading.unit_id.clone()))
+                        .or_insert_with(|| UnitBuffer { site_id: s.site_id.clone(), readings: Vec::new() })
+                        .readings
+                        .push(s.clone());
+                }
+            }
+            _ = tick.tick() => flush(&mut buffers, &outbox, max_per_event, &buffered).await,
+        }
+    }
+    flush(&mut buffers, &outbox, max_per_event, &buffered).await;
+    tracing::debug!("fanout stopped");
+}
+
+async fn flush(
+    buffers: &mut HashMap<(String, String), UnitBuffer>,
+    outbox: &Outbox,
+    max_per_event: usize,
+    buffered: &AtomicUsize,
+) {
+    for ((org, unit), mut buf) in buffers.drain() {
+        // Stable sort: readings with the same time keep their arrival order.
+        buf.readings.sort_by_key(|s| s.recorded_at);
+        for chunk in buf.readings.chunks(max_per_event) {
+            let batch = ReadingsBatch {
+                unit_id: unit.clone(),
+                readings: chunk.iter().map(|s| s.reading.clone()).collect(),
+                count: chunk.len(),
+            };
+            let rooms = rooms::unit_event_rooms(&org, &buf.site_id).to_vec();
+            outbox.send(rooms, "sensor:readings:batch", &batch).await;
+        }
+        buffered.fetch_sub(buf.readings.len(), Ordering::Relaxed);
+    }
+}

@@ -1,0 +1,61 @@
+//! The way out to clients: pipeline stages put events in the [`Outbox`]; one emitter task,
+//! generic over the Socket.io adapter, broadcasts them.
+//!
+//! Each payload is serialised once, here, into raw JSON; socketioxide then encodes the packet
+//! once per broadcast and writes the same bytes to every recipient socket.
+
+use serde::Serialize;
+use serde_json::value::RawValue;
+use socketioxide::SocketIo;
+use socketioxide::adapter::Adapter;
+use tokio::sync::mpsc;
+
+pub struct Outgoing {
+    pub rooms: Vec<String>,
+    pub event: &'static str,
+    pub payload: Box<RawValue>,
+}
+
+/// Where pipeline stages send events; cheap to clone. Bounded: a stalled emitter stalls the
+/// stages, which turns into 503 at ingest instead of unbounded memory.
+#[derive(Clone)]
+pub struct Outbox(mpsc::Sender<Outgoing>);
+
+impl Outbox {
+    pub fn new(capacity: usize) -> (Outbox, mpsc::Receiver<Outgoing>) {
+        let (tx, rx) = mpsc::channel(capacity);
+        (Outbox(tx), rx)
+    }
+
+    pub async fn send<T: Serialize>(&self, rooms: Vec<String>, event: &'static str, payload: &T) {
+        let payload = match serde_json::value::to_raw_value(payload) {
+            Ok(raw) => raw,
+            Err(e) => {
+                tracing::error!(event, error = %e, "event not serialisable; dropped");
+                return;
+            }
+        };
+        if self
+            .0
+            .send(Outgoing {
+                rooms,
+                event,
+                payload,
+            })
+            .await
+            .is_err()
+        {
+            tracing::warn!(event, "emitter stopped; event not delivered");
+        }
+    }
+}
+
+/// Broadcasts everything put in the outbox until every sender is gone.
+pub async fn run_emitter<A: Adapter>(io: SocketIo<A>, mut rx: mpsc::Receiver<Outgoing>) {
+    while let Some(out) = rx.recv().await {
+        if let Err(e) = io.to(out.rooms).emit(out.event, &out.payload).await {
+            tracing::warn!(event = out.event, error = %e, "broadcast did not reach every socket");
+        }
+    }
+    tracing::debug!("emitter stopped");
+}
