@@ -256,7 +256,7 @@ mod tests {
                 seed ^= seed << 13;
                 seed ^= seed >> 7;
                 seed ^= seed << 17;
-                if seed % 5 == 0 {
+                if seed.is_multiple_of(5) {
                     if let Some((next, Change::Open { kind, .. })) = on_silence(state) {
                         open_alerts.push(kind);
                         state = next;

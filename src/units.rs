@@ -37,10 +37,10 @@ impl Units {
 
     pub async fn get(&self, org: &str, unit: &str) -> Result<Option<UnitInfo>> {
         let key = (org.to_string(), unit.to_string());
-        if let Some((at, info)) = self.cache.read().unwrap().get(&key) {
-            if at.elapsed() < TTL {
-                return Ok(Some(info.clone()));
-            }
+        if let Some((at, info)) = self.cache.read().unwrap().get(&key)
+            && at.elapsed() < TTL
+        {
+            return Ok(Some(info.clone()));
         }
         let Some(row) = self.store.get_unit(org, unit).await? else {
             self.cache.write().unwrap().remove(&key);
