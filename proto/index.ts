@@ -106,13 +106,20 @@ scopes?: Array<KeyScope>, };
 export type ApiKeyCreated = { id: string, key: string, scopes: Array<KeyScope>, };
 
 /**
+ * Why a subscription was refused. `forbidden` covers sites and units that do not exist, belong
+ * to another organisation or lie outside the token's `site_ids` alike; `not_found` is for
+ * malformed ids; `unavailable` when storage cannot be reached.
+ */
+export type SubscribeError = "forbidden" | "not_found" | "rate_limited" | "unavailable";
+
+/**
  * Ack of `subscribe:*` / `unsubscribe:*`.
  */
 export type SubscribeAck = { ok: boolean, 
 /**
- * `forbidden`, `not_found` or `rate_limited` when `ok` is false.
+ * Present when `ok` is false.
  */
-error?: string, };
+error?: SubscribeError, };
 
 /**
  * Ack of `auth:refresh`.
@@ -137,8 +144,81 @@ export type ErrorEvent = { code: string, message: string, };
  */
 export type AuthExpired = Record<string, never>;
 
+/**
+ * `sensor:readings:batch`: one unit's readings of one flush window, in `recordedAt` order.
+ */
+export type ReadingsBatch = { unitId: string, readings: Array<SensorReading>, 
+/**
+ * `readings.length`.
+ */
+count: number, };
+
+/**
+ * `alert:triggered`.
+ */
+export type AlertTriggered = { alertId: string, unitId: string, siteId: string, alertType: AlertType, severity: Severity, message: string, triggeredAt: string, 
+/**
+ * The temperature that caused it (`null` for `offline`).
+ */
+value: number | null, 
+/**
+ * The limit it crossed (`null` for `offline`).
+ */
+threshold: number | null, };
+
+/**
+ * `alert:resolved`.
+ */
+export type AlertResolved = { alertId: string, unitId: string, resolvedAt: string, };
+
+/**
+ * `unit:status`, sent on change only.
+ */
+export type UnitStatusChanged = { unitId: string, status: UnitStatus, since: string, };
+
+/**
+ * One reading of `POST /api/readings/ingest`.
+ */
+export type IngestReading = { unitId: string, temperature: number, 
+/**
+ * RFC 3339; at most 5 minutes in the future.
+ */
+recordedAt: string, humidity?: number, battery?: number, signalStrength?: number, 
+/**
+ * Defaults to `"api"`.
+ */
+source?: string, deviceId?: string, };
+
+/**
+ * The body of `POST /api/readings/ingest`.
+ */
+export type IngestRequest = { readings: Array<IngestReading>, };
+
+/**
+ * The answer to an ingest, sent only once every reading is durably stored.
+ */
+export type IngestResponse = { 
+/**
+ * Readings stored by this request.
+ */
+accepted: number, 
+/**
+ * Readings that were already stored (same unit, time, device and source).
+ */
+duplicates: number, 
+/**
+ * `ids[i]` is the stored id of `readings[i]`.
+ */
+ids: Array<string>, };
+
 /** Events the gateway emits (see CONTRACT.md, "Server → client"). */
 export interface ServerToClientEvents {
+  /** One unit's readings of one flush window (default 1 s), in `recordedAt` order, to the organisation. */
+  "sensor:readings:batch": (batch: ReadingsBatch) => void;
+  "alert:triggered": (alert: AlertTriggered) => void;
+  "alert:resolved": (alert: AlertResolved) => void;
+  /** A unit's status changed (sent on change only). */
+  "unit:status": (status: UnitStatusChanged) => void;
   /** One stored reading, to `unit:{unitId}` and `site:{siteId}` subscribers, as soon as it is stored. */
   "sensor:reading": (reading: SensorReading) => void;
   /** The token ran out (`exp` + 30 s); the server disconnects the socket right after. */

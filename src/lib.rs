@@ -121,26 +121,35 @@ pub async fn run(
         .layer(TraceLayer::new_for_http())
         .layer(http::cors(&config.cors_origins));
 
+    // Shutdown, in pipeline order: the writer commits what already queued (later requests are
+    // refused with 503), the fanout flushes its batches, the monitor finishes, the emitter sends
+    // the rest; then every socket is closed cleanly — which also ends long-polling requests, so
+    // the HTTP server, which stopped accepting at the signal, can finish.
+    let (drained, on_drained) = tokio::sync::oneshot::channel::<()>();
+    let closing_io = io.clone();
+    let drain = tokio::spawn(async move {
+        shutdown.await;
+        stop.send(true).ok();
+        for (name, task) in [
+            ("writer", writer),
+            ("fanout", fanout),
+            ("monitor", monitor),
+            ("emitter", emitter),
+        ] {
+            if let Err(e) = task.await {
+                tracing::error!(task = name, error = %e, "pipeline task failed during shutdown");
+            }
+        }
+        closing_io.close().await;
+        drained.send(()).ok();
+    });
     axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown)
+        .with_graceful_shutdown(async {
+            on_drained.await.ok();
+        })
         .await
         .context("serving")?;
-
-    // Every request has been answered. Stop in pipeline order: the writer commits what queued,
-    // the fanout flushes its batches, the monitor finishes, the emitter sends the rest; then the
-    // sockets are closed and storage released.
-    stop.send(true).ok();
-    for (name, task) in [
-        ("writer", writer),
-        ("fanout", fanout),
-        ("monitor", monitor),
-        ("emitter", emitter),
-    ] {
-        if let Err(e) = task.await {
-            tracing::error!(task = name, error = %e, "pipeline task failed during shutdown");
-        }
-    }
-    io.close().await;
+    drain.await.ok();
     store.close().await;
     tracing::info!("stopped");
     Ok(())

@@ -290,14 +290,26 @@ pub struct ApiKeyCreated {
 
 // ---- Socket.io payloads ---------------------------------------------------------------------
 
+/// Why a subscription was refused. `forbidden` covers sites and units that do not exist, belong
+/// to another organisation or lie outside the token's `site_ids` alike; `not_found` is for
+/// malformed ids; `unavailable` when storage cannot be reached.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, TS, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum SubscribeError {
+    Forbidden,
+    NotFound,
+    RateLimited,
+    Unavailable,
+}
+
 /// Ack of `subscribe:*` / `unsubscribe:*`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, TS, ToSchema)]
 pub struct SubscribeAck {
     pub ok: bool,
-    /// `forbidden`, `not_found` or `rate_limited` when `ok` is false.
+    /// Present when `ok` is false.
     #[serde(skip_serializing_if = "Option::is_none")]
     #[ts(optional)]
-    pub error: Option<String>,
+    pub error: Option<SubscribeError>,
 }
 
 /// Ack of `auth:refresh`.
@@ -324,6 +336,7 @@ pub struct ErrorEvent {
 
 /// The `auth:expired` event: always `{}`.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, TS, ToSchema)]
+#[serde(deny_unknown_fields)]
 pub struct AuthExpired {}
 
 // ---- Pipeline events ------------------------------------------------------------------------

@@ -28,7 +28,7 @@ use crate::wire;
         wire::ApiKeyCreated, wire::KeyScope,
         wire::IngestRequest, wire::IngestReading, wire::IngestResponse,
         wire::ReadingsBatch, wire::AlertTriggered, wire::AlertResolved, wire::UnitStatusChanged,
-        wire::SubscribeAck, wire::RefreshAck, wire::ErrorEvent, wire::AuthExpired,
+        wire::SubscribeAck, wire::SubscribeError, wire::RefreshAck, wire::ErrorEvent, wire::AuthExpired,
     )),
     modifiers(&Security),
 )]

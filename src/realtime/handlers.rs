@@ -8,24 +8,18 @@ use std::sync::Arc;
 
 use serde_json::Value;
 use socketioxide::adapter::Adapter;
-use socketioxide::extract::{Extension, SocketRef, State, TryData};
+use socketioxide::extract::{SocketRef, State, TryData};
 
 use super::limiter::Verdict;
 use super::reply::Reply;
-use super::session::Session;
+use super::session::{Session, Turn};
 use super::{Ctx, rooms};
 use crate::auth::{UserClaims, valid_id};
 use crate::store::StoreError;
 use crate::wire::{RefreshAck, SensorReading, SubscribeAck};
 
 /// Why a subscription or lookup was refused; the ack's `error`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Refusal {
-    Forbidden,
-    NotFound,
-    RateLimited,
-    Unavailable,
-}
+use crate::wire::SubscribeError as Refusal;
 
 impl Refusal {
     fn code(self) -> &'static str {
@@ -80,7 +74,7 @@ fn ack_result<A: Adapter>(reply: Reply<A>, result: Result<(), Refusal>) {
         Err(r) => reply.send(
             &SubscribeAck {
                 ok: false,
-                error: Some(r.code().into()),
+                error: Some(r),
             },
             Some((r.code(), r.message())),
         ),
@@ -129,10 +123,12 @@ fn join_capped<A: Adapter>(
 pub async fn subscribe_site<A: Adapter>(
     s: SocketRef<A>,
     TryData(data): TryData<Value>,
-    Extension(session): Extension<Arc<Session>>,
+    turn: Turn,
     State(ctx): State<Ctx>,
     reply: Reply<A>,
 ) {
+    turn.wait().await;
+    let session = turn.session().clone();
     let result = async {
         if !admit(&s, &session) {
             return Err(Refusal::RateLimited);
@@ -149,10 +145,12 @@ pub async fn subscribe_site<A: Adapter>(
 pub async fn subscribe_unit<A: Adapter>(
     s: SocketRef<A>,
     TryData(data): TryData<Value>,
-    Extension(session): Extension<Arc<Session>>,
+    turn: Turn,
     State(ctx): State<Ctx>,
     reply: Reply<A>,
 ) {
+    turn.wait().await;
+    let session = turn.session().clone();
     let result = async {
         if !admit(&s, &session) {
             return Err(Refusal::RateLimited);
@@ -190,18 +188,22 @@ async fn unsubscribe<A: Adapter>(
 pub async fn unsubscribe_site<A: Adapter>(
     s: SocketRef<A>,
     TryData(data): TryData<Value>,
-    Extension(session): Extension<Arc<Session>>,
+    turn: Turn,
     reply: Reply<A>,
 ) {
+    turn.wait().await;
+    let session = turn.session().clone();
     unsubscribe(s, data, session, reply, rooms::site).await
 }
 
 pub async fn unsubscribe_unit<A: Adapter>(
     s: SocketRef<A>,
     TryData(data): TryData<Value>,
-    Extension(session): Extension<Arc<Session>>,
+    turn: Turn,
     reply: Reply<A>,
 ) {
+    turn.wait().await;
+    let session = turn.session().clone();
     unsubscribe(s, data, session, reply, rooms::unit).await
 }
 
@@ -209,10 +211,12 @@ pub async fn unsubscribe_unit<A: Adapter>(
 pub async fn get_latest<A: Adapter>(
     s: SocketRef<A>,
     TryData(data): TryData<Value>,
-    Extension(session): Extension<Arc<Session>>,
+    turn: Turn,
     State(ctx): State<Ctx>,
     reply: Reply<A>,
 ) {
+    turn.wait().await;
+    let session = turn.session().clone();
     let result: Result<Option<SensorReading>, Refusal> = async {
         if !admit(&s, &session) {
             return Err(Refusal::RateLimited);
@@ -238,10 +242,12 @@ pub async fn get_latest<A: Adapter>(
 pub async fn auth_refresh<A: Adapter>(
     s: SocketRef<A>,
     TryData(data): TryData<Value>,
-    Extension(session): Extension<Arc<Session>>,
+    turn: Turn,
     State(ctx): State<Ctx>,
     reply: Reply<A>,
 ) {
+    turn.wait().await;
+    let session = turn.session().clone();
     let refused = |error: &str| RefreshAck {
         ok: false,
         exp: None,
@@ -286,9 +292,8 @@ pub async fn auth_refresh<A: Adapter>(
 
 /// Any other event: counted against the rate limit (so floods of junk get disconnected) and
 /// otherwise ignored, like socket.io does with events nobody listens to.
-pub async fn unknown_event<A: Adapter>(
-    s: SocketRef<A>,
-    Extension(session): Extension<Arc<Session>>,
-) {
+pub async fn unknown_event<A: Adapter>(s: SocketRef<A>, turn: Turn) {
+    turn.wait().await;
+    let session = turn.session().clone();
     admit(&s, &session);
 }

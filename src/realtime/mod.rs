@@ -96,20 +96,11 @@ pub async fn authenticate<A: Adapter>(
     let claims = token.and_then(|t| ctx.jwt.verify(&t)).inspect_err(|e| {
         tracing::info!(sid = %s.id, reason = %e, "connection refused");
     })?;
-    s.extensions.insert(Session::new(claims, &ctx.limits));
-    Ok(())
-}
-
-/// A socket that passed [`authenticate`]: join its rooms, listen to its events, and arm the
-/// timer that ends it when its token runs out.
-pub async fn on_connect<A: Adapter>(
-    s: SocketRef<A>,
-    io: SocketIo<A>,
-    Extension(session): Extension<Arc<Session>>,
-) {
-    let claims = session.claims();
-    tracing::info!(sid = %s.id, org = %claims.org_id, transport = ?s.transport_type(), "socket connected");
-    s.join(rooms::membership(&claims));
+    let session = Session::new(claims, &ctx.limits);
+    // Rooms and listeners are set up here, before the handshake completes: the connect handler
+    // runs as a separate task after the client is told it is connected, and a dashboard that
+    // emits in its `connect` callback must never find nobody listening.
+    s.join(rooms::membership(&session.claims()));
     s.on("subscribe:site", handlers::subscribe_site::<A>);
     s.on("unsubscribe:site", handlers::unsubscribe_site::<A>);
     s.on("subscribe:unit", handlers::subscribe_unit::<A>);
@@ -118,6 +109,18 @@ pub async fn on_connect<A: Adapter>(
     s.on("auth:refresh", handlers::auth_refresh::<A>);
     s.on_fallback(handlers::unknown_event::<A>);
     s.on_disconnect(on_disconnect::<A>);
+    s.extensions.insert(session);
+    Ok(())
+}
+
+/// A socket that passed [`authenticate`]: arm the timer that ends it when its token runs out.
+pub async fn on_connect<A: Adapter>(
+    s: SocketRef<A>,
+    io: SocketIo<A>,
+    Extension(session): Extension<Arc<Session>>,
+) {
+    let claims = session.claims();
+    tracing::info!(sid = %s.id, org = %claims.org_id, transport = ?s.transport_type(), "socket connected");
     let task = tokio::spawn(expire_at_deadline(io, s.id, session.clone()));
     session.set_expiry_task(task.abort_handle());
 }

@@ -1,9 +1,10 @@
 //! Per-socket state, kept in the socket's extensions for the life of the connection.
 
-use std::collections::HashSet;
+use std::collections::{BTreeSet, HashSet};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Instant;
 
+use tokio::sync::Notify;
 use tokio::task::AbortHandle;
 
 use super::limiter::{RateLimiter, Verdict};
@@ -17,6 +18,16 @@ pub struct Session {
     subscriptions: Mutex<HashSet<String>>,
     /// The task that ends the socket when its token runs out; aborted on disconnect.
     expiry: Mutex<Option<AbortHandle>>,
+    /// Client events are handled in arrival order (see [`Turn`]).
+    turns: Mutex<Turns>,
+    turn_changed: Notify,
+}
+
+#[derive(Default)]
+struct Turns {
+    issued: u64,
+    serving: u64,
+    done: BTreeSet<u64>,
 }
 
 impl Session {
@@ -31,6 +42,8 @@ impl Session {
             )),
             subscriptions: Mutex::new(HashSet::new()),
             expiry: Mutex::new(None),
+            turns: Mutex::new(Turns::default()),
+            turn_changed: Notify::new(),
         })
     }
 
@@ -75,3 +88,75 @@ impl Session {
         }
     }
 }
+
+/// A client event's place in line. socketioxide runs every event handler as its own task, so
+/// two events of one socket could otherwise run in either order (an `unsubscribe` overtaking
+/// the `subscribe` before it). The ticket is taken when the event is extracted — synchronously,
+/// in arrival order — and the handler waits for its turn before doing anything.
+pub struct Turn {
+    session: Arc<Session>,
+    ticket: u64,
+}
+
+impl Turn {
+    pub fn take(session: Arc<Session>) -> Turn {
+        let ticket = {
+            let mut t = session.turns.lock().unwrap();
+            t.issued += 1;
+            t.issued - 1
+        };
+        Turn { session, ticket }
+    }
+
+    pub fn session(&self) -> &Arc<Session> {
+        &self.session
+    }
+
+    /// Waits until every earlier event of this socket has been handled.
+    pub async fn wait(&self) {
+        loop {
+            let notified = self.session.turn_changed.notified();
+            if self.session.turns.lock().unwrap().serving == self.ticket {
+                return;
+            }
+            notified.await;
+        }
+    }
+}
+
+impl Drop for Turn {
+    /// Done (or never run): let the next event go.
+    fn drop(&mut self) {
+        let mut t = self.session.turns.lock().unwrap();
+        t.done.insert(self.ticket);
+        loop {
+            let serving = t.serving;
+            if !t.done.remove(&serving) {
+                break;
+            }
+            t.serving += 1;
+        }
+        drop(t);
+        self.session.turn_changed.notify_waiters();
+    }
+}
+
+impl<A: socketioxide::adapter::Adapter> socketioxide::handler::FromMessageParts<A> for Turn {
+    type Error = NoSession;
+
+    fn from_message_parts(
+        s: &Arc<socketioxide::socket::Socket<A>>,
+        _: &mut socketioxide::handler::Value,
+        _: &Option<i64>,
+    ) -> Result<Self, NoSession> {
+        s.extensions
+            .get::<Arc<Session>>()
+            .map(Turn::take)
+            .ok_or(NoSession)
+    }
+}
+
+/// An event arrived on a socket without a session (cannot happen after the middleware).
+#[derive(Debug, thiserror::Error)]
+#[error("socket has no session")]
+pub struct NoSession;
