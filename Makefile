@@ -1,9 +1,19 @@
 # The two commands of the README: `make run` and `make test`.
-.PHONY: run test test-rust test-js lint proto
+.PHONY: run serve web test test-rust test-js test-web lint proto
 
-# Serve on http://localhost:3000 with the embedded defaults (SQLite under ./data/, no Redis).
-run:
+WEB_SOURCES := $(shell find web/src web/index.html web/package.json web/vite.config.* proto/index.ts -type f 2>/dev/null)
+
+# The live demo on http://localhost:3000: builds the dashboard if needed, then serves it with a
+# demo organisation and a device simulator (SQLite under ./data/, no Redis, no PostgreSQL).
+run: web/dist/index.html
+	cargo run --release -- demo
+
+# The gateway alone, with the same embedded defaults.
+serve: web/dist/index.html
 	cargo run --release -- serve
+
+web/dist/index.html: $(WEB_SOURCES) web/package-lock.json
+	cd web && npm ci --no-audit --no-fund --loglevel=error && npm run build
 
 # Every test: Rust unit and integration tests, then the socket.io-client conformance suite,
 # each against SQLite and PostgreSQL.

@@ -40,6 +40,9 @@ pub struct ServeArgs {
         value_delimiter = ','
     )]
     pub cors_origins: Vec<String>,
+    /// The built dashboard to serve at `/`.
+    #[arg(long, env = "WEB_DIR", default_value = "web/dist")]
+    pub web_dir: PathBuf,
     /// Log format.
     #[arg(long, env = "LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
@@ -154,6 +157,9 @@ pub struct Config {
     pub flush_interval: Duration,
     pub cors_origins: Vec<String>,
     pub limits: Limits,
+    pub web_dir: PathBuf,
+    /// Demo mode (`sensorwire demo`): enables `GET /api/demo/token`. Never set by `serve`.
+    pub demo: bool,
 }
 
 impl Config {
@@ -240,6 +246,8 @@ impl Config {
             flush_interval: Duration::from_millis(args.flush_interval_ms),
             cors_origins: args.cors_origins,
             limits: args.limits,
+            web_dir: args.web_dir,
+            demo: false,
         })
     }
 }

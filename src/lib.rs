@@ -7,6 +7,7 @@
 pub mod alerts;
 pub mod auth;
 pub mod config;
+pub mod demo;
 pub mod http;
 pub mod ingest;
 pub mod monitor;
@@ -14,6 +15,7 @@ pub mod proto;
 pub mod realtime;
 pub mod store;
 pub mod units;
+pub mod web;
 pub mod wire;
 
 use std::future::Future;
@@ -117,6 +119,7 @@ pub async fn run(
         units,
     };
     let app: Router = http::router(state)
+        .fallback_service(web::router(&config.web_dir))
         .layer(socket_layer)
         .layer(TraceLayer::new_for_http())
         .layer(http::cors(&config.cors_origins));

@@ -29,6 +29,8 @@ struct Cli {
 enum Command {
     /// Serve the gateway (the default).
     Serve(ServeArgs),
+    /// Serve with a demo organisation and a device simulator, and print the dashboard URL.
+    Demo(ServeArgs),
     /// Apply database migrations and exit.
     Migrate(DbArgs),
     /// Mint a development JWT (HS256 with JWT_SECRET, or the development secret).
@@ -87,7 +89,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let command = cli.command.unwrap_or(Command::Serve(cli.serve));
     let log_format = match &command {
-        Command::Serve(a) => a.log_format,
+        Command::Serve(a) | Command::Demo(a) => a.log_format,
         _ => LogFormat::Text,
     };
     init_tracing(log_format);
@@ -120,7 +122,8 @@ fn init_tracing(format: LogFormat) {
 
 async fn dispatch(command: Command) -> anyhow::Result<()> {
     match command {
-        Command::Serve(args) => serve(args).await,
+        Command::Serve(args) => serve(args, false).await,
+        Command::Demo(args) => serve(args, true).await,
         Command::Migrate(db) => {
             sensorwire::config::check_database_url(&db.database_url)?;
             Store::open(&db.database_url).await?;
@@ -164,7 +167,7 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
     }
 }
 
-async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+async fn serve(args: ServeArgs, demo: bool) -> anyhow::Result<()> {
     let config = Config::from_args(args)?;
     let listener = TcpListener::bind(config.addr)
         .await
@@ -176,9 +179,21 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         format!("http://{local}")
     };
     let shutdown = shutdown_signal();
-    let server = tokio::spawn(sensorwire::run(config, listener, shutdown));
+    let server = if demo {
+        tokio::spawn(sensorwire::demo::run(config, listener, shutdown))
+    } else {
+        tokio::spawn(sensorwire::run(config, listener, shutdown))
+    };
     // Printed once the listener is bound: tests and scripts wait for this line.
     println!("sensorwire listening on {shown}");
+    if demo {
+        println!();
+        println!("  Live dashboard:  {shown}/   (signs in as the demo organisation by itself)");
+        println!("  A simulator posts readings for 6 units every second; every 40 s one unit");
+        println!("  warms up for 12 s, raising an alert that resolves when it recovers.");
+        println!("  Ctrl-C stops it. Data lives in ./data/.");
+        println!();
+    }
     server.await?
 }
 

@@ -1,5 +1,6 @@
 //! The HTTP API: one router per resource, merged here, all sharing one [`AppState`].
 
+mod demo;
 mod error;
 mod extract;
 mod health;
@@ -17,6 +18,7 @@ use axum::extract::DefaultBodyLimit;
 use axum::http::{HeaderName, HeaderValue, Method, header};
 use tower_http::cors::{AllowOrigin, Any, CorsLayer};
 
+pub use demo::DEMO_ORG;
 pub use error::AppError;
 pub use extract::{Admin, Json, User};
 pub use keys::create_key;
@@ -44,7 +46,11 @@ pub fn router(state: AppState) -> Router {
         .merge(sites::router())
         .merge(units::router())
         .merge(keys::router())
-        .fallback(|| async { AppError::NotFound("no such endpoint".into()) })
+        .merge(demo::router(state.config.demo))
+        .route(
+            "/api/{*rest}",
+            axum::routing::any(|| async { AppError::NotFound("no such endpoint".into()) }),
+        )
         .layer(DefaultBodyLimit::max(body_limit))
         .with_state(state)
 }
