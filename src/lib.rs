@@ -6,6 +6,7 @@
 
 pub mod alerts;
 pub mod auth;
+pub mod cluster;
 pub mod config;
 pub mod demo;
 pub mod http;
@@ -24,8 +25,10 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use axum::Router;
-use socketioxide::adapter::LocalAdapter;
+use socketioxide::SocketIo;
+use socketioxide::adapter::{Adapter, LocalAdapter};
 use socketioxide::handler::ConnectHandler;
+use socketioxide::layer::SocketIoLayer;
 use std::time::Duration;
 
 use tokio::net::TcpListener;
@@ -79,12 +82,51 @@ pub async fn run(
         limits: Arc::new(config.limits.clone()),
         allow_token_in_query: config.allow_token_in_query,
     };
-    let (socket_layer, io) = realtime::builder(&config, ctx).build_layer();
-    io.ns(
-        "/",
-        realtime::on_connect::<LocalAdapter>.with(realtime::authenticate::<LocalAdapter>),
-    );
+    let builder = realtime::builder(&config, ctx);
+    let parts = Parts { config, jwt, store };
+    match parts.config.redis_url.clone() {
+        None => {
+            let (layer, io) = builder.build_layer();
+            io.ns(
+                "/",
+                realtime::on_connect::<LocalAdapter>.with(realtime::authenticate::<LocalAdapter>),
+            );
+            serve(parts, io, layer, None, listener, shutdown).await
+        }
+        Some(url) => {
+            let (adapter, _client, health) = cluster::connect(&url)
+                .await
+                .with_context(|| format!("REDIS_URL: cannot connect to {}", redact(&url)))?;
+            tracing::info!("redis adapter ready: rooms and broadcasts span every node");
+            type Fred = cluster::FredAdapter<socketioxide::adapter::Emitter>;
+            let (layer, io) = builder.with_adapter::<Fred>(adapter).build_layer();
+            io.ns(
+                "/",
+                realtime::on_connect::<Fred>.with(realtime::authenticate::<Fred>),
+            )
+            .await
+            .context("REDIS_URL: registering the namespace with the adapter")?;
+            serve(parts, io, layer, Some(health), listener, shutdown).await
+        }
+    }
+}
 
+/// What `run` prepared before choosing the adapter.
+struct Parts {
+    config: Arc<Config>,
+    jwt: Arc<JwtVerifier>,
+    store: Store,
+}
+
+/// Everything after the adapter is chosen: one code path for one node and for a cluster.
+async fn serve<A: Adapter>(
+    Parts { config, jwt, store }: Parts,
+    io: SocketIo<A>,
+    socket_layer: SocketIoLayer<A>,
+    redis: Option<cluster::RedisHealth>,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
     // The pipeline, upstream to downstream: ingest writer → fanout (live + batches) and
     // monitor (alerts, status) → outbox → emitter.
     let l = &config.limits;
@@ -117,6 +159,7 @@ pub async fn run(
         jwt,
         ingest,
         units,
+        redis,
     };
     let app: Router = http::router(state)
         .fallback_service(web::router(&config.web_dir))

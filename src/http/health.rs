@@ -26,14 +26,20 @@ pub async fn healthz() -> Json<Value> {
     responses((status = 200, description = "Ready to serve"),
               (status = 503, description = "A dependency is unreachable")))]
 pub async fn readyz(State(app): State<AppState>) -> (StatusCode, Json<Value>) {
-    match app.store.ping().await {
-        Ok(()) => (
-            StatusCode::OK,
-            Json(json!({ "status": "ready", "storage": "ok" })),
-        ),
-        Err(e) => (
-            StatusCode::SERVICE_UNAVAILABLE,
-            Json(json!({ "status": "unavailable", "storage": e.to_string() })),
-        ),
+    let storage = app.store.ping().await;
+    let redis = app.redis.as_ref().map(|r| (r.is_up(), r.describe()));
+    let ready = storage.is_ok() && redis.is_none_or(|(up, _)| up);
+    let mut body = json!({
+        "status": if ready { "ready" } else { "unavailable" },
+        "storage": match &storage { Ok(()) => "ok".to_string(), Err(e) => e.to_string() },
+    });
+    if let Some((_, state)) = redis {
+        body["redis"] = json!(state);
     }
+    let status = if ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (status, Json(body))
 }

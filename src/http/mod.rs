@@ -35,6 +35,8 @@ pub struct AppState {
     pub jwt: Arc<JwtVerifier>,
     pub ingest: crate::ingest::Ingest,
     pub units: Arc<crate::units::Units>,
+    /// Redis health, when running as one of several nodes.
+    pub redis: Option<crate::cluster::RedisHealth>,
 }
 
 /// The API routes (without Socket.io, which is a layer added in `lib.rs`).

@@ -1,0 +1,127 @@
+//! Several nodes: the Socket.io Redis adapter (socketioxide-redis over fred) and a Redis health
+//! watch.
+//!
+//! fred needs deliberate settings to survive a Redis restart (see PITFALLS): an explicit
+//! reconnect policy that never gives up, unresponsive-connection detection, and
+//! `manage_subscriptions` so the subscriber re-subscribes after reconnecting (the adapter's
+//! driver does not do that by itself). The adapter's pub/sub relay hands messages to a bounded
+//! buffer and panics when it overflows; the buffer is sized far above our bursts, and a panic
+//! there marks the node unready (`/readyz`) with an ERROR log instead of degrading silently.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use socketioxide_redis::drivers::fred::fred_client as fred;
+use socketioxide_redis::{RedisAdapterConfig, RedisAdapterCtr};
+
+use fred::prelude::{ClientLike, Config as FredConfig};
+use fred::types::config::{ReconnectPolicy, UnresponsiveConfig};
+use fred::types::{Builder, RespVersion};
+
+pub use socketioxide_redis::FredAdapter;
+
+/// Pub/sub messages the adapter may hold per namespace before its relay overflows.
+const STREAM_BUFFER: usize = 64 * 1024;
+
+/// The node's view of Redis, for `/readyz` and for logging state changes once.
+#[derive(Clone, Default)]
+pub struct RedisHealth {
+    up: Arc<AtomicBool>,
+    relay_failed: Arc<AtomicBool>,
+}
+
+impl RedisHealth {
+    pub fn is_up(&self) -> bool {
+        self.up.load(Ordering::Relaxed) && !self.relay_failed.load(Ordering::Relaxed)
+    }
+
+    pub fn describe(&self) -> &'static str {
+        if self.relay_failed.load(Ordering::Relaxed) {
+            "pub/sub relay failed; restart the node"
+        } else if self.up.load(Ordering::Relaxed) {
+            "ok"
+        } else {
+            "unreachable"
+        }
+    }
+}
+
+fn builder(url: &str) -> Result<Builder, fred::error::Error> {
+    let mut config = FredConfig::from_url(url)?;
+    config.version = RespVersion::RESP3;
+    let mut builder = Builder::from_config(config);
+    builder
+        // Never give up: 100 ms doubling up to 5 s between attempts.
+        .set_policy(ReconnectPolicy::new_exponential(0, 100, 5_000, 2))
+        .with_connection_config(|c| {
+            c.connection_timeout = Duration::from_secs(3);
+            c.unresponsive = UnresponsiveConfig {
+                max_timeout: Some(Duration::from_secs(5)),
+                interval: Duration::from_secs(1),
+            };
+        });
+    Ok(builder)
+}
+
+/// Connects the adapter's subscriber client and a plain client for health checks.
+pub async fn connect(
+    url: &str,
+) -> anyhow::Result<(
+    RedisAdapterCtr<socketioxide_redis::drivers::fred::FredDriver>,
+    fred::clients::Client,
+    RedisHealth,
+)> {
+    let subscriber = builder(url)?.build_subscriber_client()?;
+    // Re-subscribe every channel after a reconnect.
+    subscriber.manage_subscriptions();
+    let adapter = RedisAdapterCtr::new_with_fred_config(
+        subscriber,
+        RedisAdapterConfig::new().with_stream_buffer(STREAM_BUFFER),
+    )
+    .await?;
+    let client = builder(url)?.build()?;
+    client.init().await?;
+    let health = RedisHealth::default();
+    health.up.store(true, Ordering::Relaxed);
+    watch_relay_panics(health.clone());
+    tokio::spawn(watch(client.clone(), health.clone()));
+    Ok((adapter, client, health))
+}
+
+/// Pings Redis every second and logs each change of state once (not once per message).
+async fn watch(client: fred::clients::Client, health: RedisHealth) {
+    use fred::interfaces::ClientLike as _;
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tick.tick().await;
+        let ok = matches!(
+            tokio::time::timeout(Duration::from_secs(2), client.ping::<String>(None)).await,
+            Ok(Ok(_))
+        );
+        let was = health.up.swap(ok, Ordering::Relaxed);
+        match (was, ok) {
+            (true, false) => tracing::error!(
+                "redis unreachable: cross-node delivery paused, local delivery continues"
+            ),
+            (false, true) => tracing::info!("redis reachable again: cross-node delivery resumed"),
+            _ => {}
+        }
+    }
+}
+
+/// The adapter's relay task panics when its buffer overflows; it then stops relaying. Mark the
+/// node unready so the operator (or orchestrator) restarts it, and log it loudly.
+fn watch_relay_panics(health: RedisHealth) {
+    let previous = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let in_relay = info
+            .location()
+            .is_some_and(|l| l.file().contains("socketioxide-redis"));
+        if in_relay {
+            health.relay_failed.store(true, Ordering::Relaxed);
+            tracing::error!(panic = %info, "redis pub/sub relay failed; node marked unready");
+        }
+        previous(info);
+    }));
+}
