@@ -111,12 +111,15 @@ pub async fn ingest(
         .submit(org, readings, site_ids)
         .await
         .map_err(|e| {
-            let retry_after = match e {
-                SubmitError::Storage(_) => 5,
-                _ => 1,
+            // The storage cause was logged by the writer; the client learns only what to do.
+            let (what, retry_after) = match e {
+                SubmitError::Storage(_) => ("storage is unavailable", 5),
+                SubmitError::QueueFull => ("the ingest queue is full", 1),
+                SubmitError::BuffersFull => ("too many readings are waiting for delivery", 1),
+                SubmitError::Closed => ("the gateway is shutting down", 1),
             };
             AppError::Unavailable {
-                message: format!("{e}; nothing was stored, retry later"),
+                message: format!("{what}; nothing was stored, retry later"),
                 retry_after,
             }
         })?;

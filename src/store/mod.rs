@@ -79,14 +79,22 @@ impl From<sqlx::Error> for StoreError {
             | sqlx::Error::Io(_)
             | sqlx::Error::Tls(_)
             | sqlx::Error::WorkerCrashed => StoreError::Unavailable(e),
-            sqlx::Error::Database(db)
-                if matches!(db.code().as_deref(), Some("5" | "6" | "57P01" | "57P03")) =>
-            {
-                // SQLITE_BUSY / SQLITE_LOCKED, or PostgreSQL shutting down / starting up.
+            sqlx::Error::Database(db) if unavailable_code(db.code().as_deref()) => {
                 StoreError::Unavailable(e)
             }
             _ => StoreError::Other(e),
         }
+    }
+}
+
+/// Database error codes that mean "not now" rather than "never": SQLite busy/locked;
+/// PostgreSQL connection exceptions (08), insufficient resources (53), operator intervention
+/// (57P: shutting down, starting up) and a database that is gone (3D000).
+fn unavailable_code(code: Option<&str>) -> bool {
+    match code {
+        Some("5" | "6" | "3D000") => true,
+        Some(c) => c.starts_with("08") || c.starts_with("53") || c.starts_with("57P"),
+        None => false,
     }
 }
 
