@@ -1,0 +1,348 @@
+// Shared pieces of the sensorwire benchmark: the gateway process, /proc sampling, HTTP, JWTs,
+// PostgreSQL databases, percentiles. Used by run.mjs (main thread) and clients.mjs (workers).
+
+import { spawn, execFileSync } from 'node:child_process';
+import { randomBytes } from 'node:crypto';
+import { existsSync, mkdtempSync, readFileSync, rmSync } from 'node:fs';
+import http from 'node:http';
+import { tmpdir } from 'node:os';
+import path from 'node:path';
+import { fileURLToPath } from 'node:url';
+
+import jwt from 'jsonwebtoken';
+import pg from 'pg';
+
+export const DEFAULT_BIN = fileURLToPath(new URL('../target/release/sensorwire', import.meta.url));
+export const CLK_TCK = 100;
+
+export const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
+export const randomId = (bytes = 4) => randomBytes(bytes).toString('hex');
+export const log = (...args) => console.error(`[bench ${new Date().toISOString().slice(11, 23)}]`, ...args);
+export const round = (x, digits = 1) => (x == null || !Number.isFinite(x) ? x : Number(x.toFixed(digits)));
+
+/** RFC 3339 UTC with millisecond precision, as the contract writes times. */
+export const isoMs = (ms) => new Date(ms).toISOString();
+
+// ---------------------------------------------------------------------------------------------
+// /proc
+
+/** utime + stime of a process, in seconds (CLK_TCK = 100). */
+export function cpuSeconds(pid) {
+  try {
+    const stat = readFileSync(`/proc/${pid}/stat`, 'utf8');
+    // Fields after the command name (which may contain spaces) start at field 3 (state).
+    const fields = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
+    return (Number(fields[11]) + Number(fields[12])) / CLK_TCK;
+  } catch {
+    return null;
+  }
+}
+
+/** Busy CPU seconds of the whole machine so far (all cores; /proc/stat, CLK_TCK = 100). */
+export function machineBusySeconds() {
+  try {
+    const line = readFileSync('/proc/stat', 'utf8').split('\n')[0];
+    const [user, nice, system, idle, iowait, irq, softirq, steal] = line.trim().split(/\s+/).slice(1).map(Number);
+    return (user + nice + system + irq + softirq + (steal || 0)) / CLK_TCK;
+  } catch {
+    return null;
+  }
+}
+
+/** A field of /proc/<pid>/status in MiB (VmRSS, VmHWM), or null. */
+export function statusMiB(pid, field) {
+  try {
+    const status = readFileSync(`/proc/${pid}/status`, 'utf8');
+    const m = new RegExp(`^${field}:\\s+(\\d+) kB`, 'm').exec(status);
+    return m ? Number(m[1]) / 1024 : null;
+  } catch {
+    return null;
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Statistics
+
+/** Percentile (nearest rank) of an array of numbers; sorts a copy. */
+export function percentiles(values, ps) {
+  const out = {};
+  if (values.length === 0) {
+    for (const p of ps) out[p] = null;
+    return out;
+  }
+  const sorted = Float64Array.from(values).sort();
+  for (const p of ps) {
+    const rank = Math.min(sorted.length - 1, Math.max(0, Math.ceil((p / 100) * sorted.length) - 1));
+    out[p] = sorted[rank];
+  }
+  return out;
+}
+
+/** Percentile of a histogram with 1 ms buckets (index = ms). */
+export function histPercentile(hist, total, p) {
+  if (total === 0) return null;
+  const target = Math.max(1, Math.ceil((p / 100) * total));
+  let seen = 0;
+  for (let i = 0; i < hist.length; i++) {
+    seen += hist[i];
+    if (seen >= target) return i;
+  }
+  return hist.length - 1;
+}
+
+// ---------------------------------------------------------------------------------------------
+// HTTP (node:http with keep-alive; lighter on the client than fetch)
+
+export function makeAgent(maxSockets) {
+  return new http.Agent({ keepAlive: true, maxSockets, maxFreeSockets: maxSockets });
+}
+
+/** Resolves { status, body (parsed JSON or text), ms, retryAfter }; rejects only on network errors. */
+export function request(baseUrl, method, urlPath, { token, body, agent, timeoutMs = 30_000 } = {}) {
+  const url = new URL(urlPath, baseUrl);
+  const payload = body === undefined ? undefined : Buffer.from(typeof body === 'string' ? body : JSON.stringify(body));
+  return new Promise((resolve, reject) => {
+    const started = performance.now();
+    const req = http.request(
+      {
+        hostname: url.hostname,
+        port: url.port,
+        path: url.pathname + url.search,
+        method,
+        agent,
+        headers: {
+          ...(payload ? { 'content-type': 'application/json', 'content-length': payload.length } : {}),
+          ...(token ? { authorization: `Bearer ${token}` } : {}),
+        },
+        timeout: timeoutMs,
+      },
+      (res) => {
+        const chunks = [];
+        res.on('data', (c) => chunks.push(c));
+        res.on('end', () => {
+          const ms = performance.now() - started;
+          const text = Buffer.concat(chunks).toString('utf8');
+          let parsed = text;
+          try {
+            parsed = text ? JSON.parse(text) : null;
+          } catch {
+            /* keep text */
+          }
+          resolve({ status: res.statusCode, body: parsed, ms, retryAfter: res.headers['retry-after'] });
+        });
+        res.on('error', reject);
+      },
+    );
+    req.on('timeout', () => req.destroy(new Error(`timeout after ${timeoutMs} ms`)));
+    req.on('error', reject);
+    if (payload) req.write(payload);
+    req.end();
+  });
+}
+
+export async function mustRequest(baseUrl, method, urlPath, opts) {
+  const res = await request(baseUrl, method, urlPath, opts);
+  if (res.status < 200 || res.status >= 300) {
+    throw new Error(`${method} ${urlPath} answered ${res.status}: ${JSON.stringify(res.body)}`);
+  }
+  return res.body;
+}
+
+// ---------------------------------------------------------------------------------------------
+// JWT
+
+export function mintToken(secret, { sub, org, role = 'admin', ttlSeconds = 3600 }) {
+  const exp = Math.floor(Date.now() / 1000) + ttlSeconds;
+  return jwt.sign({ sub, org_id: org, role, exp }, secret, { algorithm: 'HS256', noTimestamp: true });
+}
+
+// ---------------------------------------------------------------------------------------------
+// PostgreSQL
+
+export async function createPostgresDatabase(maintenanceUrl) {
+  const name = `swbench_${randomId(5)}`;
+  const client = new pg.Client({ connectionString: maintenanceUrl });
+  await client.connect();
+  try {
+    await client.query(`CREATE DATABASE ${name}`);
+  } finally {
+    await client.end();
+  }
+  const url = new URL(maintenanceUrl);
+  url.pathname = `/${name}`;
+  return { name, url: url.toString() };
+}
+
+export async function dropPostgresDatabase(maintenanceUrl, name) {
+  const client = new pg.Client({ connectionString: maintenanceUrl });
+  await client.connect();
+  try {
+    await client.query(`DROP DATABASE IF EXISTS ${name} WITH (FORCE)`);
+  } finally {
+    await client.end();
+  }
+}
+
+export async function postgresCount(url, sql) {
+  const client = new pg.Client({ connectionString: url });
+  await client.connect();
+  try {
+    const { rows } = await client.query(sql);
+    return Number(rows[0].count);
+  } finally {
+    await client.end();
+  }
+}
+
+export function sqliteAvailable() {
+  try {
+    execFileSync('sqlite3', ['-version'], { stdio: 'ignore' });
+    return true;
+  } catch {
+    return false;
+  }
+}
+
+export function sqliteCount(file, sql) {
+  const out = execFileSync('sqlite3', [file, sql], { encoding: 'utf8' });
+  return Number(out.trim());
+}
+
+// ---------------------------------------------------------------------------------------------
+// The gateway process
+
+const SCRUBBED_ENV = [
+  'REDIS_URL', 'JWT_PUBLIC_KEY_FILE', 'JWKS_FILE', 'JWT_ISSUER', 'JWT_AUDIENCE', 'CORS_ORIGINS',
+  'LOG_FORMAT', 'FLUSH_INTERVAL_MS', 'DATABASE_URL', 'JWT_SECRET', 'HOST', 'PORT', 'RUST_LOG',
+];
+
+/**
+ * Starts `sensorwire serve` with a fresh database of `engine` ('sqlite' | 'postgres').
+ * Resolves { url, pid, secret, engine, databaseUrl, sqliteFile, stderrLines(), stop(), cleanup() }.
+ */
+export async function startGateway({ bin, engine, pgUrl, env: extraEnv = {}, startupTimeoutMs = 30_000 }) {
+  if (!existsSync(bin)) {
+    throw new Error(`gateway binary not found at ${bin} (run \`cargo build --release\` or set SENSORWIRE_BIN)`);
+  }
+  const workDir = mkdtempSync(path.join(tmpdir(), 'swbench-'));
+  let pgDb = null;
+  let databaseUrl;
+  let sqliteFile = null;
+  if (engine === 'sqlite') {
+    sqliteFile = path.join(workDir, 'bench.db');
+    databaseUrl = `sqlite://${sqliteFile}`;
+  } else if (engine === 'postgres') {
+    pgDb = await createPostgresDatabase(pgUrl);
+    databaseUrl = pgDb.url;
+  } else {
+    throw new Error(`unknown engine ${engine}`);
+  }
+
+  const secret = randomBytes(24).toString('base64url').slice(0, 32);
+  const env = { ...process.env };
+  for (const key of SCRUBBED_ENV) delete env[key];
+  Object.assign(env, {
+    HOST: '127.0.0.1',
+    PORT: '0',
+    JWT_SECRET: secret,
+    DATABASE_URL: databaseUrl,
+    RUST_LOG: 'warn',
+    ...extraEnv,
+  });
+
+  const child = spawn(bin, ['serve'], { cwd: workDir, env, stdio: ['ignore', 'pipe', 'pipe'] });
+  let stdout = '';
+  let stderrBuf = '';
+  const stderrLines = [];
+  child.stderr.setEncoding('utf8');
+  child.stderr.on('data', (chunk) => {
+    stderrBuf += chunk;
+    let nl;
+    while ((nl = stderrBuf.indexOf('\n')) >= 0) {
+      const line = stderrBuf.slice(0, nl);
+      stderrBuf = stderrBuf.slice(nl + 1);
+      if (line.trim() && stderrLines.length < 100_000) stderrLines.push(line);
+    }
+  });
+  child.stdout.setEncoding('utf8');
+  const exited = new Promise((resolve) => child.once('exit', (code, signal) => resolve({ code, signal })));
+
+  let stopped = false;
+  const stop = async () => {
+    if (stopped) return;
+    stopped = true;
+    if (child.exitCode === null && child.signalCode === null) {
+      child.kill('SIGTERM');
+      const done = await Promise.race([exited, sleep(15_000).then(() => null)]);
+      if (!done) {
+        log('gateway did not exit within 15 s of SIGTERM; sending SIGKILL');
+        child.kill('SIGKILL');
+        await exited;
+      }
+    }
+  };
+  const cleanup = async () => {
+    await stop();
+    if (pgDb) await dropPostgresDatabase(pgUrl, pgDb.name).catch((e) => log(`could not drop ${pgDb.name}: ${e.message}`));
+    rmSync(workDir, { recursive: true, force: true });
+  };
+
+  try {
+    const url = await new Promise((resolve, reject) => {
+      const timer = setTimeout(
+        () => reject(new Error(`gateway did not print its listening line within ${startupTimeoutMs} ms\n${stdout}\n${stderrLines.join('\n')}`)),
+        startupTimeoutMs,
+      );
+      child.stdout.on('data', (chunk) => {
+        stdout += chunk;
+        const m = /^sensorwire listening on (http:\/\/127\.0\.0\.1:(\d+))\r?$/m.exec(stdout);
+        if (m && Number(m[2]) > 0) {
+          clearTimeout(timer);
+          resolve(m[1]);
+        }
+      });
+      child.once('error', (err) => {
+        clearTimeout(timer);
+        reject(new Error(`could not start ${bin}: ${err.message}`));
+      });
+      exited.then(({ code, signal }) => {
+        clearTimeout(timer);
+        reject(new Error(`gateway exited early (code ${code}, signal ${signal})\n${stderrLines.join('\n')}`));
+      });
+    });
+    return {
+      url,
+      pid: child.pid,
+      secret,
+      engine,
+      databaseUrl,
+      sqliteFile,
+      exited,
+      stderrLines: () => stderrLines,
+      alive: () => child.exitCode === null && child.signalCode === null,
+      stop,
+      cleanup,
+    };
+  } catch (e) {
+    await cleanup();
+    throw e;
+  }
+}
+
+/** Summary of the gateway's stderr (RUST_LOG=warn): counts by level and a few distinct messages. */
+export function summariseLog(lines) {
+  const levels = {};
+  const samples = new Map();
+  for (const raw of lines) {
+    // Strip ANSI colours and the timestamp prefix.
+    const line = raw.replace(/\x1b\[[0-9;]*m/g, '');
+    const m = /\b(ERROR|WARN|INFO|DEBUG|TRACE)\b\s*(.*)$/.exec(line);
+    const level = m ? m[1] : 'OTHER';
+    levels[level] = (levels[level] || 0) + 1;
+    const key = (m ? m[2] : line).replace(/\d+/g, 'N').slice(0, 160);
+    if (!samples.has(key)) samples.set(key, { count: 0, example: line.slice(0, 300) });
+    samples.get(key).count++;
+  }
+  const top = [...samples.values()].sort((a, b) => b.count - a.count).slice(0, 5);
+  return { lines: lines.length, levels, top };
+}
