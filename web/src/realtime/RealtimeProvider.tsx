@@ -1,0 +1,334 @@
+import { useQueryClient } from '@tanstack/react-query';
+import {
+  createContext,
+  useCallback,
+  useContext,
+  useEffect,
+  useMemo,
+  useRef,
+  useState,
+  type ReactNode,
+} from 'react';
+import { io, type Socket } from 'socket.io-client';
+import { GATEWAY_URL } from '../lib/config';
+import {
+  applyAlertResolved,
+  applyAlertTriggered,
+  applyBatch,
+  applyReading,
+  applyStatus,
+} from '../lib/live';
+import { dismissToast, showAlertToast } from '../lib/toasts';
+import { RENEW_BEFORE_SECS, getToken, secondsLeft, tokenStatus } from '../lib/token';
+import type { ClientToServerEvents, ServerToClientEvents, SubscribeAck } from '../types';
+
+export type AppSocket = Socket<ServerToClientEvents, ClientToServerEvents>;
+export type ConnectionState = 'connected' | 'connecting' | 'disconnected';
+export type RoomKind = 'site' | 'unit';
+
+interface Status {
+  state: ConnectionState;
+  error: string | null;
+}
+
+export interface Realtime {
+  socket: AppSocket;
+  state: ConnectionState;
+  isConnected: boolean;
+  isConnecting: boolean;
+  /** Why the last connection attempt failed or the connection dropped; null when connected. */
+  connectionError: string | null;
+  /**
+   * Keeps the socket in `site:{id}` / `unit:{id}` while the returned function has not been called;
+   * re-subscribes after every reconnect. `onAck` gets each subscribe's answer.
+   */
+  subscribe(kind: RoomKind, id: string, onAck?: (ack: SubscribeAck) => void): () => void;
+}
+
+const RealtimeContext = createContext<Realtime | null>(null);
+
+interface Room {
+  kind: RoomKind;
+  id: string;
+  count: number;
+  listeners: Set<(ack: SubscribeAck) => void>;
+}
+
+/** Manual retries (after a refused handshake or a server-side disconnect): 0.5 s doubling to 5 s. */
+const RETRY_BASE_MS = 500;
+const RETRY_MAX_MS = 5000;
+
+/**
+ * One Socket.io connection to the gateway for the whole app.
+ *
+ * socket.io-client reconnects by itself after a dropped transport (with backoff up to
+ * `reconnectionDelayMax`). It does not after a refused handshake (`connect_error` while
+ * `socket.active` is false, e.g. `unauthorized: token expired`) or a server-side disconnect
+ * (`io server disconnect`, e.g. after `auth:expired`): for those this provider gets a fresh token
+ * and calls `socket.connect()` again after a backoff. The `auth` option is a function, so every
+ * attempt sends the current token. Before the token expires it is renewed in place with
+ * `auth:refresh`.
+ */
+export function RealtimeProvider({ children }: { children: ReactNode }) {
+  const queryClient = useQueryClient();
+  const sentToken = useRef<string | null>(null);
+  const rooms = useRef(new Map<string, Room>());
+
+  const [socket] = useState<AppSocket>(() =>
+    io(GATEWAY_URL, {
+      autoConnect: false,
+      forceNew: true,
+      reconnection: true,
+      reconnectionAttempts: Infinity,
+      reconnectionDelay: 1000,
+      reconnectionDelayMax: 5000,
+      auth: (cb) => {
+        getToken().then(
+          (token) => {
+            sentToken.current = token;
+            cb({ token });
+          },
+          // No token at all: the handshake is refused and the paste-a-token screen shows.
+          () => cb({ token: '' }),
+        );
+      },
+    }),
+  );
+
+  const [status, setStatus] = useState<Status>({ state: 'connecting', error: null });
+
+  const emitSubscribe = useCallback(
+    (room: Room) => {
+      const onAck = (ack: SubscribeAck) => {
+        if (!ack.ok) console.warn(`subscribe:${room.kind} ${room.id} refused: ${ack.error}`);
+        room.listeners.forEach((l) => l(ack));
+      };
+      if (room.kind === 'unit') socket.emit('subscribe:unit', room.id, onAck);
+      else socket.emit('subscribe:site', room.id, onAck);
+    },
+    [socket],
+  );
+
+  const subscribe = useCallback(
+    (kind: RoomKind, id: string, onAck?: (ack: SubscribeAck) => void) => {
+      const key = `${kind}:${id}`;
+      let room = rooms.current.get(key);
+      if (!room) {
+        room = { kind, id, count: 0, listeners: new Set() };
+        rooms.current.set(key, room);
+      }
+      const r = room;
+      if (onAck) r.listeners.add(onAck);
+      if (++r.count === 1 && socket.connected) emitSubscribe(r);
+      let done = false;
+      return () => {
+        if (done) return;
+        done = true;
+        if (onAck) r.listeners.delete(onAck);
+        if (--r.count > 0) return;
+        rooms.current.delete(key);
+        if (!socket.connected) return;
+        if (kind === 'unit') socket.emit('unsubscribe:unit', id);
+        else socket.emit('unsubscribe:site', id);
+      };
+    },
+    [socket, emitSubscribe],
+  );
+
+  // Every listener is registered once, here, on this socket instance; removed on unmount.
+  useEffect(() => {
+    let disposed = false;
+    let attempt = 0;
+    let retryTimer: ReturnType<typeof setTimeout> | undefined;
+    let renewTimer: ReturnType<typeof setTimeout> | undefined;
+
+    const retryLater = (error: string | null) => {
+      clearTimeout(retryTimer);
+      const delay = Math.min(RETRY_MAX_MS, RETRY_BASE_MS * 2 ** attempt++) * (0.8 + Math.random() * 0.4);
+      setStatus({ state: error ? 'disconnected' : 'connecting', error });
+      retryTimer = setTimeout(() => {
+        if (disposed || socket.connected || socket.active) return;
+        if (tokenStatus.get().state === 'missing') return; // resumes when a token is pasted
+        setStatus((s) => ({ state: 'connecting', error: s.error }));
+        socket.connect();
+      }, delay);
+    };
+
+    /** After the gateway refused us or dropped us itself: a new token, then try again. */
+    const recover = (error: string, tokenRefused: boolean) => {
+      getToken({ force: tokenRefused }).then(
+        () => !disposed && retryLater(error),
+        () => {
+          if (disposed) return;
+          setStatus({ state: 'disconnected', error });
+          if (tokenRefused) {
+            tokenStatus.set({ state: 'missing', reason: `The gateway refused the token (${error}).` });
+          }
+        },
+      );
+    };
+
+    const scheduleRenewal = () => {
+      clearTimeout(renewTimer);
+      const token = sentToken.current;
+      if (!token) return;
+      const left = secondsLeft(token);
+      if (!Number.isFinite(left)) return;
+      const delay = Math.max(0, (left - RENEW_BEFORE_SECS) * 1000);
+      renewTimer = setTimeout(renew, Math.min(delay, 2 ** 31 - 1));
+    };
+
+    /** `auth:refresh` about a minute before `exp`, when a newer token can be had. */
+    const renew = async () => {
+      const fresh = await getToken().catch(() => null);
+      if (disposed || !fresh || fresh === sentToken.current || !socket.connected) return;
+      try {
+        const ack = await socket.timeout(10_000).emitWithAck('auth:refresh', fresh);
+        if (ack.ok) {
+          sentToken.current = fresh;
+          scheduleRenewal();
+        } else {
+          console.warn(`auth:refresh refused: ${ack.error}`);
+        }
+      } catch {
+        console.warn('auth:refresh timed out');
+      }
+    };
+
+    const onConnect = () => {
+      attempt = 0;
+      clearTimeout(retryTimer);
+      setStatus({ state: 'connected', error: null });
+      for (const room of rooms.current.values()) emitSubscribe(room);
+      // Whatever happened while we were away: read it again.
+      void queryClient.invalidateQueries(undefined, { cancelRefetch: false });
+      scheduleRenewal();
+    };
+
+    const onConnectError = (err: Error) => {
+      if (socket.active) {
+        // A transport-level failure: socket.io retries by itself, with backoff.
+        setStatus({ state: 'disconnected', error: describeTransportError(err.message) });
+        return;
+      }
+      // The gateway refused the handshake; socket.io will not retry on its own.
+      const message = err.message || 'connection refused';
+      recover(message, message.startsWith('unauthorized'));
+    };
+
+    const onDisconnect = (reason: Socket.DisconnectReason) => {
+      clearTimeout(renewTimer);
+      if (disposed) return;
+      if (socket.active) {
+        setStatus({ state: 'connecting', error: `connection lost (${reason})` });
+      } else if (reason === 'io server disconnect') {
+        recover('disconnected by the gateway', false);
+      } else {
+        setStatus({ state: 'disconnected', error: reason });
+      }
+    };
+
+    // While the gateway is unreachable the indicator stays red (with the last error) between
+    // attempts; without an error yet, it shows that an attempt is under way.
+    const onReconnectAttempt = () =>
+      setStatus((s) => (s.state === 'disconnected' && !s.error ? { ...s, state: 'connecting' } : s));
+
+    const onAuthExpired = () => console.info('sensorwire: token expired; reconnecting with a new one');
+    const onServerError = (e: { code: string; message: string }) =>
+      console.warn(`sensorwire: ${e.code}: ${e.message}`);
+
+    const onBatch: ServerToClientEvents['sensor:readings:batch'] = (b) => applyBatch(queryClient, b);
+    const onReading: ServerToClientEvents['sensor:reading'] = (r) => applyReading(queryClient, r);
+    const onUnitStatus: ServerToClientEvents['unit:status'] = (s) => applyStatus(queryClient, s);
+    const onAlertTriggered: ServerToClientEvents['alert:triggered'] = (a) => {
+      applyAlertTriggered(queryClient, a);
+      showAlertToast(a);
+    };
+    const onAlertResolved: ServerToClientEvents['alert:resolved'] = (a) => {
+      applyAlertResolved(queryClient, a);
+      dismissToast(a.alertId);
+    };
+
+    socket.on('connect', onConnect);
+    socket.on('connect_error', onConnectError);
+    socket.on('disconnect', onDisconnect);
+    socket.on('auth:expired', onAuthExpired);
+    socket.on('error', onServerError);
+    socket.on('sensor:readings:batch', onBatch);
+    socket.on('sensor:reading', onReading);
+    socket.on('unit:status', onUnitStatus);
+    socket.on('alert:triggered', onAlertTriggered);
+    socket.on('alert:resolved', onAlertResolved);
+    socket.io.on('reconnect_attempt', onReconnectAttempt);
+
+    // A token pasted (or fetched) while we were refused: connect now.
+    const offToken = tokenStatus.subscribe(() => {
+      if (tokenStatus.get().state === 'ready' && !socket.connected && !socket.active) {
+        attempt = 0;
+        setStatus({ state: 'connecting', error: null });
+        socket.connect();
+      }
+    });
+
+    setStatus({ state: 'connecting', error: null });
+    socket.connect();
+
+    return () => {
+      disposed = true;
+      clearTimeout(retryTimer);
+      clearTimeout(renewTimer);
+      offToken();
+      socket.off('connect', onConnect);
+      socket.off('connect_error', onConnectError);
+      socket.off('disconnect', onDisconnect);
+      socket.off('auth:expired', onAuthExpired);
+      socket.off('error', onServerError);
+      socket.off('sensor:readings:batch', onBatch);
+      socket.off('sensor:reading', onReading);
+      socket.off('unit:status', onUnitStatus);
+      socket.off('alert:triggered', onAlertTriggered);
+      socket.off('alert:resolved', onAlertResolved);
+      socket.io.off('reconnect_attempt', onReconnectAttempt);
+      socket.disconnect();
+    };
+  }, [socket, queryClient, emitSubscribe]);
+
+  const value = useMemo<Realtime>(
+    () => ({
+      socket,
+      state: status.state,
+      isConnected: status.state === 'connected',
+      isConnecting: status.state === 'connecting',
+      connectionError: status.state === 'connected' ? null : status.error,
+      subscribe,
+    }),
+    [socket, status, subscribe],
+  );
+
+  return <RealtimeContext.Provider value={value}>{children}</RealtimeContext.Provider>;
+}
+
+/** socket.io's transport errors ("xhr poll error", "websocket error", "timeout") for a person. */
+function describeTransportError(message: string | undefined): string {
+  if (!message) return 'the gateway is unreachable';
+  if (/poll error|websocket error|timeout/i.test(message)) return `the gateway is unreachable (${message})`;
+  return message;
+}
+
+export function useRealtime(): Realtime {
+  const ctx = useContext(RealtimeContext);
+  if (!ctx) throw new Error('useRealtime outside <RealtimeProvider>');
+  return ctx;
+}
+
+/** Keeps the socket in a room while the component is mounted (and `id` is set). */
+export function useRoom(kind: RoomKind, id: string | null | undefined): SubscribeAck | null {
+  const { subscribe } = useRealtime();
+  const [ack, setAck] = useState<SubscribeAck | null>(null);
+  useEffect(() => {
+    setAck(null);
+    if (!id) return;
+    return subscribe(kind, id, setAck);
+  }, [subscribe, kind, id]);
+  return ack;
+}

@@ -1,0 +1,16 @@
+// The gateway's wire types, generated from src/wire.rs into proto/index.ts (type-only).
+export type {
+  Alert,
+  AlertResolved,
+  AlertTriggered,
+  ClientToServerEvents,
+  ReadingsBatch,
+  RefreshAck,
+  SensorReading,
+  ServerToClientEvents,
+  Site,
+  SubscribeAck,
+  Unit,
+  UnitStatus,
+  UnitStatusChanged,
+} from '../../proto';
