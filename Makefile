@@ -15,9 +15,9 @@ serve: web/dist/index.html
 web/dist/index.html: $(WEB_SOURCES) web/package-lock.json
 	cd web && npm ci --no-audit --no-fund --loglevel=error && npm run build
 
-# Every test: Rust unit and integration tests, then the socket.io-client conformance suite,
-# each against SQLite and PostgreSQL.
-test: lint test-rust test-js
+# Every test: fmt and clippy, Rust unit and integration tests, the socket.io-client conformance
+# suite (SQLite and PostgreSQL, several nodes over Redis), and the dashboard in Chromium.
+test: lint test-rust test-js test-web
 
 lint:
 	cargo fmt --check
@@ -29,6 +29,10 @@ test-rust:
 test-js:
 	cargo build
 	cd tests/js && npm ci --no-audit --no-fund --loglevel=error && npm test
+
+test-web:
+	cargo build
+	cd web && npm ci --no-audit --no-fund --loglevel=error && npm test
 
 # Regenerate proto/ after changing a type in src/wire.rs.
 proto:
