@@ -211,6 +211,61 @@ duplicates: number,
  */
 ids: Array<string>, };
 
+/**
+ * A channel of the plain WebSocket protocol.
+ */
+export type WsChannel = "alerts" | "device" | "unit";
+
+/**
+ * Client → server: `{"action":"subscribe","type":"alerts"}`, `{"action":"subscribe","type":"device",
+ * "device_id":"…"}`, `{"action":"subscribe","type":"unit","unit_id":"…"}`, the same with
+ * `"unsubscribe"`, and `{"type":"ping"}`.
+ */
+export type WsClientMessage = { 
+/**
+ * `subscribe` or `unsubscribe`; absent for `ping`.
+ */
+action?: string, 
+/**
+ * `alerts`, `device`, `unit`, or `ping`.
+ */
+type: string, device_id?: string, unit_id?: string, };
+
+/**
+ * The metrics of one reading, as plain WebSocket telemetry carries them.
+ */
+export type TelemetryMetrics = { temperature: number, humidity: number | null, battery: number | null, signal_strength: number | null, };
+
+export type TelemetryData = { 
+/**
+ * The reading's `recordedAt`.
+ */
+timestamp: string, metrics: TelemetryMetrics, };
+
+/**
+ * Server → client messages of the plain WebSocket protocol.
+ */
+export type WsServerMessage = { "type": "subscribed", channel: WsChannel, device_id?: string, unit_id?: string, } | { "type": "unsubscribed", channel: WsChannel, device_id?: string, unit_id?: string, } | { "type": "alerts", alerts: Array<Alert>, } | { "type": "telemetry", device_id: string | null, unit_id: string, data: TelemetryData, } | { "type": "pong" } | { "type": "error", message: string, };
+
+/**
+ * `POST /api/events`: a backend service emits its own event to a room of its organisation.
+ */
+export type PublishRequest = { 
+/**
+ * The event name; `sensor:*`, `alert:*`, `unit:*`, `auth:*`, `sync:*` and `error` are reserved.
+ */
+event: string, 
+/**
+ * Any JSON value.
+ */
+data: unknown, 
+/**
+ * `org`, `site:{id}`, `unit:{id}` or `user:{sub}`.
+ */
+room: string, };
+
+export type PublishResponse = { delivered: boolean, };
+
 /** Events the gateway emits (see CONTRACT.md, "Server → client"). */
 export interface ServerToClientEvents {
   /** One unit's readings of one flush window (default 1 s), in `recordedAt` order, to the organisation. */

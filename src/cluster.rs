@@ -64,14 +64,20 @@ fn builder(url: &str) -> Result<Builder, fred::error::Error> {
     Ok(builder)
 }
 
-/// Connects the adapter's subscriber client and a plain client for health checks.
-pub async fn connect(
-    url: &str,
-) -> anyhow::Result<(
-    RedisAdapterCtr<socketioxide_redis::drivers::fred::FredDriver>,
-    fred::clients::Client,
-    RedisHealth,
-)> {
+/// The Redis connections of a node besides the adapter's.
+pub struct Cluster {
+    pub health: RedisHealth,
+    /// Commands and publishing (health pings, the plain WebSocket relay).
+    pub client: fred::clients::Client,
+    /// Subscriptions of the plain WebSocket relay.
+    pub subscriber: fred::clients::SubscriberClient,
+}
+
+/// The Socket.io adapter over Redis.
+pub type Adapter = RedisAdapterCtr<socketioxide_redis::drivers::fred::FredDriver>;
+
+/// Connects the adapter's subscriber client and the node's other Redis clients.
+pub async fn connect(url: &str) -> anyhow::Result<(Adapter, Cluster)> {
     let subscriber = builder(url)?.build_subscriber_client()?;
     // Re-subscribe every channel after a reconnect.
     subscriber.manage_subscriptions();
@@ -82,11 +88,19 @@ pub async fn connect(
     .await?;
     let client = builder(url)?.build()?;
     client.init().await?;
+    let subscriber = builder(url)?.build_subscriber_client()?;
+    subscriber.init().await?;
+    subscriber.manage_subscriptions();
     let health = RedisHealth::default();
     health.up.store(true, Ordering::Relaxed);
     watch_relay_panics(health.clone());
     tokio::spawn(watch(client.clone(), health.clone()));
-    Ok((adapter, client, health))
+    let cluster = Cluster {
+        health,
+        client,
+        subscriber,
+    };
+    Ok((adapter, cluster))
 }
 
 /// Pings Redis every second and logs each change of state once (not once per message).

@@ -109,6 +109,9 @@ pub struct Limits {
     /// Milliseconds between sweeps for silent (offline) units.
     #[arg(long, env = "OFFLINE_SWEEP_MS", default_value_t = 1000)]
     pub offline_sweep_ms: u64,
+    /// Events one publisher (API key or admin) may `POST /api/events` per second.
+    #[arg(long, env = "PUBLISH_PER_SECOND", default_value_t = 50)]
+    pub publish_per_second: u32,
     /// Largest Socket.io packet a client may send, in bytes.
     #[arg(long, env = "SOCKET_MAX_PAYLOAD", default_value_t = 64 * 1024)]
     pub socket_max_payload: u64,
@@ -232,6 +235,7 @@ impl Config {
             ("MAX_BUFFERED_READINGS", l.max_buffered_readings as u64),
             ("INGEST_QUEUE", l.ingest_queue as u64),
             ("OFFLINE_SWEEP_MS", l.offline_sweep_ms),
+            ("PUBLISH_PER_SECOND", l.publish_per_second as u64),
         ] {
             if value == 0 {
                 return Err(invalid(name, "must be greater than 0"));

@@ -6,6 +6,7 @@
 
 pub mod alerts;
 pub mod auth;
+pub mod bus;
 pub mod cluster;
 pub mod config;
 pub mod demo;
@@ -18,6 +19,7 @@ pub mod store;
 pub mod units;
 pub mod web;
 pub mod wire;
+pub mod ws;
 
 use std::future::Future;
 use std::path::Path;
@@ -94,7 +96,7 @@ pub async fn run(
             serve(parts, io, layer, None, listener, shutdown).await
         }
         Some(url) => {
-            let (adapter, _client, health) = cluster::connect(&url)
+            let (adapter, cluster) = cluster::connect(&url)
                 .await
                 .with_context(|| format!("REDIS_URL: cannot connect to {}", redact(&url)))?;
             tracing::info!("redis adapter ready: rooms and broadcasts span every node");
@@ -106,7 +108,7 @@ pub async fn run(
             )
             .await
             .context("REDIS_URL: registering the namespace with the adapter")?;
-            serve(parts, io, layer, Some(health), listener, shutdown).await
+            serve(parts, io, layer, Some(cluster), listener, shutdown).await
         }
     }
 }
@@ -123,7 +125,7 @@ async fn serve<A: Adapter>(
     Parts { config, jwt, store }: Parts,
     io: SocketIo<A>,
     socket_layer: SocketIoLayer<A>,
-    redis: Option<cluster::RedisHealth>,
+    cluster: Option<cluster::Cluster>,
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
@@ -143,14 +145,26 @@ async fn serve<A: Adapter>(
         stopped,
     );
     let emitter = tokio::spawn(realtime::outbox::run_emitter(io.clone(), outgoing));
+    let (redis, redis_clients) = match cluster {
+        Some(c) => (Some(c.health), Some((c.client, c.subscriber))),
+        None => (None, None),
+    };
+    let bus = bus::Bus::new(
+        store.clone(),
+        redis_clients.as_ref().map(|(c, _)| c.clone()),
+    );
+    if let Some((_, subscriber)) = redis_clients {
+        bus.relay(subscriber);
+    }
     let fanout = tokio::spawn(realtime::run_fanout(
+        bus.clone(),
         fanout_rx,
         outbox.clone(),
         config.flush_interval,
         l.batch_max_readings,
         ingest.buffered(),
     ));
-    let monitor = monitor::Monitor::new(store.clone(), units.clone(), outbox);
+    let monitor = monitor::Monitor::new(store.clone(), units.clone(), outbox.clone(), bus.clone());
     let monitor = tokio::spawn(monitor.run(monitor_rx, Duration::from_millis(l.offline_sweep_ms)));
 
     let state = http::AppState {
@@ -160,6 +174,9 @@ async fn serve<A: Adapter>(
         ingest,
         units,
         redis,
+        bus,
+        outbox,
+        publish_limits: Default::default(),
     };
     let app: Router = http::router(state)
         .fallback_service(web::router(&config.web_dir))

@@ -14,6 +14,7 @@ use tokio::sync::mpsc;
 use tokio::time::MissedTickBehavior;
 
 use crate::alerts::{self, Change, State};
+use crate::bus::Bus;
 use crate::ingest::Committed;
 use crate::realtime::outbox::Outbox;
 use crate::realtime::rooms;
@@ -34,15 +35,17 @@ pub struct Monitor {
     store: Store,
     units: Arc<Units>,
     outbox: Outbox,
+    bus: Bus,
     tracked: HashMap<(String, String), Tracked>,
 }
 
 impl Monitor {
-    pub fn new(store: Store, units: Arc<Units>, outbox: Outbox) -> Self {
+    pub fn new(store: Store, units: Arc<Units>, outbox: Outbox, bus: Bus) -> Self {
         Monitor {
             store,
             units,
             outbox,
+            bus,
             tracked: HashMap::new(),
         }
     }
@@ -223,6 +226,7 @@ impl Monitor {
                             threshold,
                         };
                         self.outbox.send(rooms(), "alert:triggered", &event).await;
+                        self.bus.alerts_changed(org).await;
                     }
                 }
                 Change::Resolve { kind } => {
@@ -238,6 +242,7 @@ impl Monitor {
                             resolved_at: format_time(at),
                         };
                         self.outbox.send(rooms(), "alert:resolved", &event).await;
+                        self.bus.alerts_changed(org).await;
                     }
                 }
             }

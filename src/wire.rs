@@ -434,3 +434,115 @@ pub struct IngestResponse {
     /// `ids[i]` is the stored id of `readings[i]`.
     pub ids: Vec<String>,
 }
+
+// ---- Plain WebSocket (`GET /api/v2/ws?token=`) ----------------------------------------------
+
+/// A channel of the plain WebSocket protocol.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, TS, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum WsChannel {
+    Alerts,
+    Device,
+    Unit,
+}
+
+/// Client → server: `{"action":"subscribe","type":"alerts"}`, `{"action":"subscribe","type":"device",
+/// "device_id":"…"}`, `{"action":"subscribe","type":"unit","unit_id":"…"}`, the same with
+/// `"unsubscribe"`, and `{"type":"ping"}`.
+#[derive(Debug, Clone, Serialize, Deserialize, TS, ToSchema)]
+pub struct WsClientMessage {
+    /// `subscribe` or `unsubscribe`; absent for `ping`.
+    #[serde(default)]
+    #[ts(optional)]
+    pub action: Option<String>,
+    /// `alerts`, `device`, `unit`, or `ping`.
+    #[serde(rename = "type")]
+    pub kind: String,
+    #[serde(default)]
+    #[ts(optional)]
+    pub device_id: Option<String>,
+    #[serde(default)]
+    #[ts(optional)]
+    pub unit_id: Option<String>,
+}
+
+/// The metrics of one reading, as plain WebSocket telemetry carries them.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, TS, ToSchema)]
+pub struct TelemetryMetrics {
+    pub temperature: f64,
+    #[schema(required = true)]
+    pub humidity: Option<f64>,
+    #[schema(required = true)]
+    pub battery: Option<f64>,
+    #[schema(required = true)]
+    pub signal_strength: Option<f64>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, TS, ToSchema)]
+pub struct TelemetryData {
+    /// The reading's `recordedAt`.
+    #[schema(format = DateTime)]
+    pub timestamp: String,
+    pub metrics: TelemetryMetrics,
+}
+
+/// Server → client messages of the plain WebSocket protocol.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, TS, ToSchema)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum WsServerMessage {
+    Subscribed {
+        channel: WsChannel,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        #[ts(optional)]
+        device_id: Option<String>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        #[ts(optional)]
+        unit_id: Option<String>,
+    },
+    Unsubscribed {
+        channel: WsChannel,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        #[ts(optional)]
+        device_id: Option<String>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        #[ts(optional)]
+        unit_id: Option<String>,
+    },
+    /// The organisation's open alerts: on subscribe and after every change.
+    Alerts {
+        alerts: Vec<Alert>,
+    },
+    /// One reading of a subscribed device or unit.
+    Telemetry {
+        #[schema(required = true)]
+        device_id: Option<String>,
+        unit_id: String,
+        data: TelemetryData,
+    },
+    Pong,
+    /// A request that could not be served; the connection stays open.
+    Error {
+        message: String,
+    },
+}
+
+// ---- HTTP publish (`POST /api/events`) ------------------------------------------------------
+
+/// `POST /api/events`: a backend service emits its own event to a room of its organisation.
+#[derive(Debug, Clone, Serialize, Deserialize, TS, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PublishRequest {
+    /// The event name; `sensor:*`, `alert:*`, `unit:*`, `auth:*`, `sync:*` and `error` are reserved.
+    pub event: String,
+    /// Any JSON value.
+    #[ts(type = "unknown")]
+    #[schema(value_type = Object)]
+    pub data: serde_json::Value,
+    /// `org`, `site:{id}`, `unit:{id}` or `user:{sub}`.
+    pub room: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, TS, ToSchema)]
+pub struct PublishResponse {
+    pub delivered: bool,
+}

@@ -2,6 +2,7 @@
 
 mod demo;
 mod error;
+mod events;
 mod extract;
 mod health;
 mod ingest;
@@ -20,6 +21,7 @@ use tower_http::cors::{AllowOrigin, Any, CorsLayer};
 
 pub use demo::DEMO_ORG;
 pub use error::AppError;
+pub use events::PublishLimits;
 pub use extract::{Admin, Json, User};
 pub use keys::create_key;
 
@@ -37,6 +39,9 @@ pub struct AppState {
     pub units: Arc<crate::units::Units>,
     /// Redis health, when running as one of several nodes.
     pub redis: Option<crate::cluster::RedisHealth>,
+    pub bus: crate::bus::Bus,
+    pub outbox: crate::realtime::outbox::Outbox,
+    pub publish_limits: Arc<events::PublishLimits>,
 }
 
 /// The API routes (without Socket.io, which is a layer added in `lib.rs`).
@@ -48,6 +53,8 @@ pub fn router(state: AppState) -> Router {
         .merge(sites::router())
         .merge(units::router())
         .merge(keys::router())
+        .merge(events::router())
+        .merge(crate::ws::router())
         .merge(demo::router(state.config.demo))
         .route(
             "/api/{*rest}",

@@ -3,7 +3,7 @@
 use utoipa::openapi::security::{ApiKey, ApiKeyValue, HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
-use super::{health, ingest, keys, sites, units};
+use super::{events, health, ingest, keys, sites, units};
 use crate::wire;
 
 #[derive(OpenApi)]
@@ -19,7 +19,7 @@ use crate::wire;
         sites::list, sites::get_one, sites::create, sites::remove,
         units::list, units::get_one, units::create, units::update, units::remove,
         units::latest, units::readings, units::alerts,
-        keys::create, keys::revoke,
+        keys::create, keys::revoke, events::publish,
     ),
     components(schemas(
         wire::SensorReading, wire::Site, wire::Unit, wire::UnitStatus, wire::Alert,
@@ -28,6 +28,9 @@ use crate::wire;
         wire::ApiKeyCreated, wire::KeyScope,
         wire::IngestRequest, wire::IngestReading, wire::IngestResponse,
         wire::ReadingsBatch, wire::AlertTriggered, wire::AlertResolved, wire::UnitStatusChanged,
+        wire::PublishRequest, wire::PublishResponse,
+        wire::WsChannel, wire::WsClientMessage, wire::WsServerMessage, wire::TelemetryData,
+        wire::TelemetryMetrics,
         wire::SubscribeAck, wire::SubscribeError, wire::RefreshAck, wire::ErrorEvent, wire::AuthExpired,
     )),
     modifiers(&Security),

@@ -25,6 +25,7 @@ struct UnitBuffer {
 }
 
 pub async fn run(
+    bus: crate::bus::Bus,
     mut input: mpsc::Receiver<Arc<Committed>>,
     outbox: Outbox,
     flush_every: Duration,
@@ -47,6 +48,8 @@ pub async fn run(
                         .readings
                         .push(s.clone());
                 }
+                let plain = c.readings.iter().map(|s| (s.site_id.clone(), s.reading.clone())).collect();
+                bus.readings(&c.org_id, plain).await;
             }
             _ = tick.tick() => flush(&mut buffers, &outbox, max_per_event, &buffered).await,
         }

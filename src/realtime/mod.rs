@@ -8,7 +8,7 @@
 
 mod fanout;
 mod handlers;
-mod limiter;
+pub mod limiter;
 pub mod outbox;
 mod reply;
 pub mod rooms;

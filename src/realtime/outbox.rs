@@ -4,6 +4,8 @@
 //! Each payload is serialised once, here, into raw JSON; socketioxide then encodes the packet
 //! once per broadcast and writes the same bytes to every recipient socket.
 
+use std::borrow::Cow;
+
 use serde::Serialize;
 use serde_json::value::RawValue;
 use socketioxide::SocketIo;
@@ -12,7 +14,7 @@ use tokio::sync::mpsc;
 
 pub struct Outgoing {
     pub rooms: Vec<String>,
-    pub event: &'static str,
+    pub event: Cow<'static, str>,
     pub payload: Box<RawValue>,
 }
 
@@ -28,10 +30,22 @@ impl Outbox {
     }
 
     pub async fn send<T: Serialize>(&self, rooms: Vec<String>, event: &'static str, payload: &T) {
+        self.send_dynamic(rooms, Cow::Borrowed(event), payload)
+            .await
+    }
+
+    /// Like [`Outbox::send`], for event names chosen at run time (published events).
+    pub async fn send_dynamic<T: Serialize>(
+        &self,
+        rooms: Vec<String>,
+        event: impl Into<Cow<'static, str>>,
+        payload: &T,
+    ) {
+        let event = event.into();
         let payload = match serde_json::value::to_raw_value(payload) {
             Ok(raw) => raw,
             Err(e) => {
-                tracing::error!(event, error = %e, "event not serialisable; dropped");
+                tracing::error!(event = %event, error = %e, "event not serialisable; dropped");
                 return;
             }
         };
@@ -45,7 +59,7 @@ impl Outbox {
             .await
             .is_err()
         {
-            tracing::warn!(event, "emitter stopped; event not delivered");
+            tracing::warn!("emitter stopped; event not delivered");
         }
     }
 }
@@ -53,8 +67,12 @@ impl Outbox {
 /// Broadcasts everything put in the outbox until every sender is gone.
 pub async fn run_emitter<A: Adapter>(io: SocketIo<A>, mut rx: mpsc::Receiver<Outgoing>) {
     while let Some(out) = rx.recv().await {
-        if let Err(e) = io.to(out.rooms).emit(out.event, &out.payload).await {
-            tracing::warn!(event = out.event, error = %e, "broadcast did not reach every socket");
+        if let Err(e) = io
+            .to(out.rooms)
+            .emit(out.event.as_ref(), &out.payload)
+            .await
+        {
+            tracing::warn!(event = %out.event, error = %e, "broadcast did not reach every socket");
         }
     }
     tracing::debug!("emitter stopped");

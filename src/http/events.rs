@@ -1,0 +1,162 @@
+//! `POST /api/events`: a backend service emits its own event to a room of its organisation.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::Instant;
+
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::routing::post;
+use axum::{Json as JsonBody, Router};
+
+use super::{AppError, AppState, Json};
+use crate::auth::{Caller, Role, valid_id};
+use crate::realtime::limiter::{RateLimiter, Verdict};
+use crate::realtime::rooms;
+use crate::wire::{KeyScope, PublishRequest, PublishResponse};
+
+/// Largest `data`, serialised.
+pub const MAX_DATA_BYTES: usize = 64 * 1024;
+
+pub fn router() -> Router<AppState> {
+    Router::new().route("/api/events", post(publish))
+}
+
+/// Event names a publisher may not use: the gateway's own, and socket.io's reserved ones.
+pub fn reserved(event: &str) -> bool {
+    ["sensor:", "alert:", "unit:", "auth:", "sync:"]
+        .iter()
+        .any(|p| event.starts_with(p))
+        || matches!(
+            event,
+            "error"
+                | "connect"
+                | "connect_error"
+                | "disconnect"
+                | "disconnecting"
+                | "newListener"
+                | "removeListener"
+        )
+}
+
+/// Per-publisher rate limits (by API key id or user).
+#[derive(Default)]
+pub struct PublishLimits(Mutex<HashMap<String, RateLimiter>>);
+
+impl PublishLimits {
+    fn check(&self, who: &str, per_second: u32) -> bool {
+        let mut map = self.0.lock().unwrap();
+        if map.len() > 10_000 {
+            map.clear(); // bounded: forgetting buckets only ever lets a caller through early
+        }
+        let now = Instant::now();
+        let limiter = map
+            .entry(who.to_string())
+            .or_insert_with(|| RateLimiter::new(per_second, per_second * 2, u32::MAX, now));
+        limiter.check(now) == Verdict::Allow
+    }
+}
+
+#[utoipa::path(post, path = "/api/events", tag = "events",
+    security(("bearer" = []), ("apiKey" = [])),
+    request_body = PublishRequest,
+    responses(
+        (status = 202, body = PublishResponse, description = "Emitted to the room"),
+        (status = 401, body = crate::wire::ApiError),
+        (status = 403, body = crate::wire::ApiError, description = "Not admin / no publish scope, or a site or unit the organisation does not have"),
+        (status = 413, body = crate::wire::ApiError), (status = 422, body = crate::wire::ApiError),
+        (status = 429, body = crate::wire::ApiError, description = "Too many publishes; see Retry-After"),
+    ))]
+pub async fn publish(
+    State(app): State<AppState>,
+    caller: Caller,
+    Json(req): Json<PublishRequest>,
+) -> Result<(StatusCode, JsonBody<PublishResponse>), AppError> {
+    let who = match &caller {
+        Caller::User(u) if u.role == Role::Admin => format!("user:{}:{}", u.org_id, u.sub),
+        Caller::User(_) => {
+            return Err(AppError::Forbidden(
+                "publishing needs the admin role".into(),
+            ));
+        }
+        Caller::Key(k) if k.scopes.contains(&KeyScope::Publish) => format!("key:{}", k.id),
+        Caller::Key(_) => {
+            return Err(AppError::Forbidden(
+                "this API key lacks the publish scope".into(),
+            ));
+        }
+    };
+    if req.event.is_empty() || req.event.len() > 64 || req.event.chars().any(char::is_control) {
+        return Err(AppError::validation(
+            "event",
+            "must be 1-64 printable characters",
+        ));
+    }
+    if reserved(&req.event) {
+        return Err(AppError::validation(
+            "event",
+            format!(
+                "{:?} is reserved (sensor:*, alert:*, unit:*, auth:*, sync:*, error)",
+                req.event
+            ),
+        ));
+    }
+    let size = serde_json::to_vec(&req.data)
+        .map(|v| v.len())
+        .unwrap_or(usize::MAX);
+    if size > MAX_DATA_BYTES {
+        return Err(AppError::PayloadTooLarge(format!(
+            "data is over {MAX_DATA_BYTES} bytes"
+        )));
+    }
+    if !app
+        .publish_limits
+        .check(&who, app.config.limits.publish_per_second)
+    {
+        return Err(AppError::RateLimited {
+            message: "too many published events; slow down".into(),
+            retry_after: 1,
+        });
+    }
+    let org = caller.org_id();
+    let room = match req.room.split_once(':') {
+        None if req.room == "org" => rooms::org(org),
+        Some(("site", id)) if valid_id(id) => {
+            let known = caller.can_see_site(id) && app.store.get_site(org, id).await?.is_some();
+            if !known {
+                return Err(AppError::Forbidden(format!(
+                    "no site {id:?} in your organisation"
+                )));
+            }
+            rooms::site(org, id)
+        }
+        Some(("unit", id)) if valid_id(id) => {
+            let known = app
+                .units
+                .get(org, id)
+                .await?
+                .is_some_and(|u| caller.can_see_site(&u.site_id));
+            if !known {
+                return Err(AppError::Forbidden(format!(
+                    "no unit {id:?} in your organisation"
+                )));
+            }
+            rooms::unit(org, id)
+        }
+        Some(("user", sub)) if !sub.is_empty() && sub.len() <= 256 => rooms::user(org, sub),
+        _ => {
+            return Err(AppError::validation(
+                "room",
+                "must be org, site:{id}, unit:{id} or user:{sub}",
+            ));
+        }
+    };
+    // Through the outbox, after anything the pipeline queued before it.
+    app.outbox
+        .send_dynamic(vec![room], req.event, &req.data)
+        .await;
+    Ok((
+        StatusCode::ACCEPTED,
+        JsonBody(PublishResponse { delivered: true }),
+    ))
+}

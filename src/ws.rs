@@ -1,0 +1,294 @@
+//! The plain WebSocket protocol, `GET /api/v2/ws?token=<JWT>`, for clients without socket.io.
+//!
+//! JSON text frames both ways (the message types are in `wire.rs`). A bad, missing or expired
+//! token closes the connection with 4001 — also when a live connection's token runs out — and a
+//! valid token that may see nothing (an empty `site_ids`) with 4003. Unknown or malformed
+//! requests get an `error` message and the connection stays open. The server pings every 25 s
+//! and drops a peer that has not answered for 60 s.
+
+use std::collections::HashSet;
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgrade};
+use axum::extract::{Query, State};
+use axum::response::Response;
+use axum::routing::get;
+use futures_util::{SinkExt, StreamExt};
+use serde::Deserialize;
+
+use crate::auth::jwt::now_secs;
+use crate::auth::{UserClaims, valid_id};
+use crate::bus::Delivery;
+use crate::http::AppState;
+use crate::wire::{TelemetryData, TelemetryMetrics, WsChannel, WsClientMessage, WsServerMessage};
+
+const PING_EVERY: Duration = Duration::from_secs(25);
+const DEAD_AFTER: Duration = Duration::from_secs(60);
+
+pub fn router() -> Router<AppState> {
+    Router::new().route("/api/v2/ws", get(upgrade))
+}
+
+#[derive(Deserialize)]
+struct TokenQuery {
+    token: Option<String>,
+}
+
+async fn upgrade(
+    ws: WebSocketUpgrade,
+    Query(q): Query<TokenQuery>,
+    State(app): State<AppState>,
+) -> Response {
+    let verified = app.jwt.verify(q.token.as_deref().unwrap_or_default());
+    ws.max_message_size(64 * 1024)
+        .on_upgrade(move |socket| async move {
+            match verified {
+                Err(e) => close(socket, 4001, &e.to_string()).await,
+                Ok(c) if c.site_ids.as_ref().is_some_and(Vec::is_empty) => {
+                    close(socket, 4003, "forbidden: the token grants no site").await
+                }
+                Ok(claims) => Connection::new(app, claims).run(socket).await,
+            }
+        })
+}
+
+async fn close(mut socket: WebSocket, code: u16, reason: &str) {
+    let frame = CloseFrame {
+        code,
+        reason: Utf8Bytes::from(reason),
+    };
+    socket.send(Message::Close(Some(frame))).await.ok();
+}
+
+struct Connection {
+    app: AppState,
+    claims: UserClaims,
+    alerts: bool,
+    devices: HashSet<String>,
+    units: HashSet<String>,
+}
+
+impl Connection {
+    fn new(app: AppState, claims: UserClaims) -> Self {
+        Connection {
+            app,
+            claims,
+            alerts: false,
+            devices: HashSet::new(),
+            units: HashSet::new(),
+        }
+    }
+
+    async fn run(mut self, socket: WebSocket) {
+        let (mut tx, mut rx) = socket.split();
+        let org = self.claims.org_id.clone();
+        let (id, mut deliveries) = self.app.bus.register(&org);
+        let deadline = tokio::time::sleep(Duration::from_secs(
+            (self.claims.deadline() - now_secs() + 1).max(0) as u64,
+        ));
+        tokio::pin!(deadline);
+        let mut ping = tokio::time::interval(PING_EVERY);
+        ping.tick().await;
+        let mut last_heard = Instant::now();
+        tracing::info!(org = %org, "plain websocket connected");
+        let close_code = loop {
+            let outgoing: Vec<WsServerMessage> = tokio::select! {
+                frame = rx.next() => match frame {
+                    Some(Ok(Message::Text(text))) => {
+                        last_heard = Instant::now();
+                        self.handle(&text).await
+                    }
+                    Some(Ok(Message::Binary(_))) => {
+                        vec![error("binary frames are not supported; send JSON text")]
+                    }
+                    Some(Ok(Message::Pong(_) | Message::Ping(_))) => {
+                        last_heard = Instant::now();
+                        continue;
+                    }
+                    Some(Ok(Message::Close(_))) | None | Some(Err(_)) => break None,
+                },
+                delivery = deliveries.recv() => match delivery {
+                    Some(d) => self.deliveries(&d),
+                    // Dropped by the bus: this client did not keep up.
+                    None => break Some((1013, "too slow: reconnect")),
+                },
+                _ = ping.tick() => {
+                    if last_heard.elapsed() > DEAD_AFTER {
+                        break None;
+                    }
+                    if tx.send(Message::Ping(Default::default())).await.is_err() {
+                        break None;
+                    }
+                    continue;
+                }
+                _ = &mut deadline => break Some((4001, "unauthorized: token expired")),
+            };
+            let mut failed = false;
+            for msg in outgoing {
+                let Ok(text) = serde_json::to_string(&msg) else {
+                    continue;
+                };
+                if tx.send(Message::Text(text.into())).await.is_err() {
+                    failed = true;
+                    break;
+                }
+            }
+            if failed {
+                break None;
+            }
+        };
+        self.app.bus.unregister(&org, id);
+        if let Some((code, reason)) = close_code {
+            let frame = CloseFrame {
+                code,
+                reason: Utf8Bytes::from(reason),
+            };
+            tx.send(Message::Close(Some(frame))).await.ok();
+        }
+        tracing::info!(org = %org, "plain websocket closed");
+    }
+
+    /// What a delivery means for this connection's subscriptions.
+    fn deliveries(&self, d: &Delivery) -> Vec<WsServerMessage> {
+        match d {
+            Delivery::Alerts(all) if self.alerts => vec![self.visible_alerts(all)],
+            Delivery::Alerts(_) => vec![],
+            Delivery::Reading { site_id, reading } => {
+                let wanted = self.units.contains(&reading.unit_id)
+                    || reading
+                        .device_id
+                        .as_ref()
+                        .is_some_and(|d| self.devices.contains(d));
+                if wanted && self.claims.can_see_site(site_id) {
+                    vec![WsServerMessage::Telemetry {
+                        device_id: reading.device_id.clone(),
+                        unit_id: reading.unit_id.clone(),
+                        data: TelemetryData {
+                            timestamp: reading.recorded_at.clone(),
+                            metrics: TelemetryMetrics {
+                                temperature: reading.temperature,
+                                humidity: reading.humidity,
+                                battery: reading.battery,
+                                signal_strength: reading.signal_strength,
+                            },
+                        },
+                    }]
+                } else {
+                    vec![]
+                }
+            }
+        }
+    }
+
+    fn visible_alerts(&self, all: &[crate::wire::Alert]) -> WsServerMessage {
+        WsServerMessage::Alerts {
+            alerts: all
+                .iter()
+                .filter(|a| self.claims.can_see_site(&a.site_id))
+                .cloned()
+                .collect(),
+        }
+    }
+
+    async fn handle(&mut self, text: &str) -> Vec<WsServerMessage> {
+        let msg: WsClientMessage = match serde_json::from_str(text) {
+            Ok(m) => m,
+            Err(e) => return vec![error(&format!("malformed message: {e}"))],
+        };
+        if msg.kind == "ping" && msg.action.is_none() {
+            return vec![WsServerMessage::Pong];
+        }
+        let subscribe = match msg.action.as_deref() {
+            Some("subscribe") => true,
+            Some("unsubscribe") => false,
+            Some(other) => return vec![error(&format!("unknown action {other:?}"))],
+            None => return vec![error("missing \"action\" (subscribe or unsubscribe)")],
+        };
+        let cap = self.app.config.limits.max_rooms_per_socket;
+        match msg.kind.as_str() {
+            "alerts" => {
+                self.alerts = subscribe;
+                let confirm = confirmation(subscribe, WsChannel::Alerts, None, None);
+                if !subscribe {
+                    return vec![confirm];
+                }
+                match self.app.bus.open_alerts(&self.claims.org_id).await {
+                    Ok(all) => vec![confirm, self.visible_alerts(&all)],
+                    Err(_) => vec![confirm, error("alerts are unavailable right now")],
+                }
+            }
+            "device" => {
+                let Some(device) = msg.device_id.filter(|d| !d.is_empty() && d.len() <= 128) else {
+                    return vec![error("\"device_id\" must be 1-128 characters")];
+                };
+                if subscribe {
+                    if self.devices.len() + self.units.len() >= cap
+                        && !self.devices.contains(&device)
+                    {
+                        return vec![error("too many subscriptions")];
+                    }
+                    self.devices.insert(device.clone());
+                } else {
+                    self.devices.remove(&device);
+                }
+                vec![confirmation(
+                    subscribe,
+                    WsChannel::Device,
+                    Some(device),
+                    None,
+                )]
+            }
+            "unit" => {
+                let Some(unit) = msg.unit_id.filter(|u| valid_id(u)) else {
+                    return vec![error("\"unit_id\" must be a unit id")];
+                };
+                if subscribe {
+                    let visible = match self.app.units.get(&self.claims.org_id, &unit).await {
+                        Ok(Some(info)) => self.claims.can_see_site(&info.site_id),
+                        Ok(None) => false,
+                        Err(_) => return vec![error("storage unavailable, retry later")],
+                    };
+                    if !visible {
+                        return vec![error(&format!("forbidden: unit {unit:?}"))];
+                    }
+                    if self.devices.len() + self.units.len() >= cap && !self.units.contains(&unit) {
+                        return vec![error("too many subscriptions")];
+                    }
+                    self.units.insert(unit.clone());
+                } else {
+                    self.units.remove(&unit);
+                }
+                vec![confirmation(subscribe, WsChannel::Unit, None, Some(unit))]
+            }
+            other => vec![error(&format!("unknown type {other:?}"))],
+        }
+    }
+}
+
+fn confirmation(
+    subscribe: bool,
+    channel: WsChannel,
+    device_id: Option<String>,
+    unit_id: Option<String>,
+) -> WsServerMessage {
+    if subscribe {
+        WsServerMessage::Subscribed {
+            channel,
+            device_id,
+            unit_id,
+        }
+    } else {
+        WsServerMessage::Unsubscribed {
+            channel,
+            device_id,
+            unit_id,
+        }
+    }
+}
+
+fn error(message: &str) -> WsServerMessage {
+    WsServerMessage::Error {
+        message: message.to_string(),
+    }
+}
