@@ -146,6 +146,7 @@ impl Bus {
         }
         for id in slow {
             tracing::info!(org = %org, "plain WebSocket client too slow; closing it");
+            crate::observe::slow_consumer("plain_websocket");
             self.unregister(org, id);
         }
     }

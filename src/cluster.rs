@@ -115,9 +115,12 @@ async fn watch(client: fred::clients::Client, health: RedisHealth) {
         );
         let was = health.up.swap(ok, Ordering::Relaxed);
         match (was, ok) {
-            (true, false) => tracing::error!(
-                "redis unreachable: cross-node delivery paused, local delivery continues"
-            ),
+            (true, false) => {
+                crate::observe::redis_outage();
+                tracing::error!(
+                    "redis unreachable: cross-node delivery paused, local delivery continues"
+                );
+            }
             (false, true) => tracing::info!("redis reachable again: cross-node delivery resumed"),
             _ => {}
         }

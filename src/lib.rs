@@ -13,6 +13,7 @@ pub mod demo;
 pub mod http;
 pub mod ingest;
 pub mod monitor;
+pub mod observe;
 pub mod proto;
 pub mod realtime;
 pub mod store;
@@ -35,7 +36,8 @@ use std::time::Duration;
 
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch};
-use tower_http::trace::TraceLayer;
+use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
+use tower_http::trace::{DefaultOnResponse, TraceLayer};
 
 use auth::JwtVerifier;
 pub use config::Config;
@@ -65,6 +67,17 @@ pub fn jwt_verifier(config: &Config) -> anyhow::Result<JwtVerifier> {
     Ok(JwtVerifier::from_args(j, dev)?)
 }
 
+/// The process-wide Prometheus recorder, installed once.
+fn metrics_handle() -> anyhow::Result<metrics_exporter_prometheus::PrometheusHandle> {
+    static HANDLE: std::sync::OnceLock<metrics_exporter_prometheus::PrometheusHandle> =
+        std::sync::OnceLock::new();
+    if let Some(h) = HANDLE.get() {
+        return Ok(h.clone());
+    }
+    let h = observe::install()?;
+    Ok(HANDLE.get_or_init(|| h).clone())
+}
+
 /// Runs the gateway on `listener` until `shutdown` completes.
 pub async fn run(
     config: Config,
@@ -72,6 +85,7 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     let config = Arc::new(config);
+    let metrics = metrics_handle()?;
     let jwt = Arc::new(jwt_verifier(&config)?);
     let store = Store::open(&config.database_url)
         .await
@@ -85,7 +99,12 @@ pub async fn run(
         allow_token_in_query: config.allow_token_in_query,
     };
     let builder = realtime::builder(&config, ctx);
-    let parts = Parts { config, jwt, store };
+    let parts = Parts {
+        config,
+        jwt,
+        store,
+        metrics,
+    };
     match parts.config.redis_url.clone() {
         None => {
             let (layer, io) = builder.build_layer();
@@ -118,11 +137,17 @@ struct Parts {
     config: Arc<Config>,
     jwt: Arc<JwtVerifier>,
     store: Store,
+    metrics: metrics_exporter_prometheus::PrometheusHandle,
 }
 
 /// Everything after the adapter is chosen: one code path for one node and for a cluster.
 async fn serve<A: Adapter>(
-    Parts { config, jwt, store }: Parts,
+    Parts {
+        config,
+        jwt,
+        store,
+        metrics: parts_metrics,
+    }: Parts,
     io: SocketIo<A>,
     socket_layer: SocketIoLayer<A>,
     cluster: Option<cluster::Cluster>,
@@ -177,11 +202,14 @@ async fn serve<A: Adapter>(
         bus,
         outbox,
         publish_limits: Default::default(),
+        metrics: parts_metrics,
     };
     let app: Router = http::router(state)
         .fallback_service(web::router(&config.web_dir))
+        .layer(request_log())
+        .layer(PropagateRequestIdLayer::x_request_id())
+        .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
         .layer(socket_layer)
-        .layer(TraceLayer::new_for_http())
         .layer(http::cors(&config.cors_origins));
 
     // Shutdown, in pipeline order: the writer commits what already queued (later requests are
@@ -216,6 +244,34 @@ async fn serve<A: Adapter>(
     store.close().await;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// One INFO line per HTTP request with its id, method, path (never the query: it may hold a
+/// token), status, latency and — once authenticated — the organisation. Socket.io's own
+/// requests are not logged here (its layer sits outside); connections log their lifecycle.
+fn request_log() -> TraceLayer<
+    tower_http::classify::SharedClassifier<tower_http::classify::ServerErrorsAsFailures>,
+    impl Fn(&axum::http::Request<axum::body::Body>) -> tracing::Span + Clone,
+    (),
+    DefaultOnResponse,
+> {
+    TraceLayer::new_for_http()
+        .make_span_with(|req: &axum::http::Request<axum::body::Body>| {
+            let id = req
+                .headers()
+                .get("x-request-id")
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("-");
+            tracing::info_span!(
+                "request",
+                request_id = %id,
+                method = %req.method(),
+                path = %req.uri().path(),
+                org = tracing::field::Empty,
+            )
+        })
+        .on_request(())
+        .on_response(DefaultOnResponse::new().level(tracing::Level::INFO))
 }
 
 /// A database URL without its password, for messages.

@@ -214,6 +214,7 @@ impl Monitor {
                     };
                     if self.store.open_alert(org, &alert).await? {
                         tracing::info!(org = %org, alert_type = kind.as_str(), "alert opened");
+                        crate::observe::alert_opened(kind.as_str());
                         let event = AlertTriggered {
                             alert_id: id.clone(),
                             unit_id: unit.to_string(),
@@ -236,6 +237,7 @@ impl Monitor {
                         .await?
                     {
                         tracing::info!(org = %org, alert_type = kind.as_str(), "alert resolved");
+                        crate::observe::alert_resolved(kind.as_str());
                         let event = AlertResolved {
                             alert_id,
                             unit_id: unit.to_string(),

@@ -92,6 +92,7 @@ impl Connection {
         ping.tick().await;
         let mut last_heard = Instant::now();
         tracing::info!(org = %org, "plain websocket connected");
+        crate::observe::plain_ws(1.0);
         let close_code = loop {
             let outgoing: Vec<WsServerMessage> = tokio::select! {
                 frame = rx.next() => match frame {
@@ -139,6 +140,7 @@ impl Connection {
             }
         };
         self.app.bus.unregister(&org, id);
+        crate::observe::plain_ws(-1.0);
         if let Some((code, reason)) = close_code {
             let frame = CloseFrame {
                 code,

@@ -49,6 +49,10 @@ impl AppError {
         }
     }
 
+    pub fn status(&self) -> StatusCode {
+        self.parts().0
+    }
+
     fn parts(&self) -> (StatusCode, &'static str) {
         match self {
             AppError::BadRequest(_) => (StatusCode::BAD_REQUEST, "bad_request"),
@@ -70,13 +74,17 @@ impl From<StoreError> for AppError {
         match e {
             StoreError::Conflict(what) => AppError::Conflict(format!("already exists ({what})")),
             StoreError::Unavailable(cause) => {
+                crate::observe::storage_error();
                 tracing::warn!(error = %cause, "storage unavailable");
                 AppError::Unavailable {
                     message: "storage is unavailable, retry later".into(),
                     retry_after: 5,
                 }
             }
-            other => AppError::Internal(other.to_string()),
+            other => {
+                crate::observe::storage_error();
+                AppError::Internal(other.to_string())
+            }
         }
     }
 }

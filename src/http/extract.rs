@@ -44,6 +44,7 @@ impl FromRequestParts<AppState> for Caller {
                     _ => None,
                 })
                 .collect();
+            tracing::Span::current().record("org", row.org_id.as_str());
             return Ok(Caller::Key(KeyIdentity {
                 id: row.id,
                 org_id: row.org_id,
@@ -52,6 +53,9 @@ impl FromRequestParts<AppState> for Caller {
         }
         app.jwt
             .verify(credential)
+            .inspect(|c| {
+                tracing::Span::current().record("org", c.org_id.as_str());
+            })
             .map(Caller::User)
             .map_err(|e| AppError::Unauthorized(e.to_string()))
     }

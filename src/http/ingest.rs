@@ -33,6 +33,25 @@ pub fn router() -> Router<AppState> {
     ))]
 pub async fn ingest(
     State(app): State<AppState>,
+    caller: Result<Caller, AppError>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Json<IngestResponse>, AppError> {
+    let result = match caller {
+        Ok(caller) => accept(app, caller, body).await,
+        Err(e) => Err(e),
+    };
+    match &result {
+        Ok(Json(r)) => {
+            crate::observe::ingest_request(200);
+            crate::observe::readings(r.accepted, r.duplicates);
+        }
+        Err(e) => crate::observe::ingest_request(e.status().as_u16()),
+    }
+    result
+}
+
+async fn accept(
+    app: AppState,
     caller: Caller,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<IngestResponse>, AppError> {

@@ -42,6 +42,7 @@ pub struct AppState {
     pub bus: crate::bus::Bus,
     pub outbox: crate::realtime::outbox::Outbox,
     pub publish_limits: Arc<events::PublishLimits>,
+    pub metrics: metrics_exporter_prometheus::PrometheusHandle,
 }
 
 /// The API routes (without Socket.io, which is a layer added in `lib.rs`).

@@ -15,7 +15,7 @@ use crate::wire;
                        `X-API-Key` (or `Authorization: Bearer <key>`)."
     ),
     paths(
-        health::healthz, health::readyz, ingest::ingest,
+        health::healthz, health::readyz, health::metrics, ingest::ingest,
         sites::list, sites::get_one, sites::create, sites::remove,
         units::list, units::get_one, units::create, units::update, units::remove,
         units::latest, units::readings, units::alerts,

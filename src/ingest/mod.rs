@@ -25,6 +25,7 @@ pub const MAX_ROWS_PER_COMMIT: usize = 10_000;
 /// A stored reading on its way to clients.
 #[derive(Debug, Clone)]
 pub struct Stored {
+    pub committed_at: Instant,
     pub site_id: String,
     pub recorded_at: i64,
     pub reading: SensorReading,
@@ -33,6 +34,8 @@ pub struct Stored {
 /// The new readings of one request, after their commit.
 #[derive(Debug)]
 pub struct Committed {
+    /// When the commit finished, for the flush-latency metric.
+    pub committed_at: Instant,
     pub org_id: String,
     pub readings: Vec<Stored>,
 }
@@ -175,6 +178,7 @@ async fn commit(
     let outcomes = match result {
         Ok(outcomes) => outcomes,
         Err(e) => {
+            crate::observe::storage_error();
             tracing::warn!(requests = jobs.len(), rows, error = %e, "commit failed; nothing stored");
             for job in jobs {
                 job.reply.send(Err(e.to_string())).ok();
@@ -182,6 +186,7 @@ async fn commit(
             return;
         }
     };
+    crate::observe::committed(rows, started.elapsed());
     tracing::debug!(
         requests = jobs.len(),
         rows,
@@ -200,6 +205,7 @@ async fn commit(
             .zip(&mine)
             .filter(|(_, (_, new))| *new)
             .map(|((r, site_id), (id, _))| Stored {
+                committed_at: Instant::now(),
                 site_id,
                 recorded_at: r.recorded_at,
                 reading: SensorReading {
@@ -220,8 +226,10 @@ async fn commit(
         if stored.is_empty() {
             continue;
         }
-        buffered.fetch_add(stored.len(), Ordering::Relaxed);
+        let now = buffered.fetch_add(stored.len(), Ordering::Relaxed) + stored.len();
+        crate::observe::buffered(now);
         let committed = Arc::new(Committed {
+            committed_at: Instant::now(),
             org_id: job.org_id,
             readings: stored,
         });

@@ -76,6 +76,10 @@ async fn flush(
             let rooms = rooms::unit_event_rooms(&org, &buf.site_id).to_vec();
             outbox.send(rooms, "sensor:readings:batch", &batch).await;
         }
-        buffered.fetch_sub(buf.readings.len(), Ordering::Relaxed);
+        if let Some(oldest) = buf.readings.iter().map(|s| s.committed_at).min() {
+            crate::observe::flushed(oldest.elapsed());
+        }
+        let left = buffered.fetch_sub(buf.readings.len(), Ordering::Relaxed) - buf.readings.len();
+        crate::observe::buffered(left);
     }
 }

@@ -53,7 +53,10 @@ impl From<StoreError> for Refusal {
 fn admit<A: Adapter>(s: &SocketRef<A>, session: &Session) -> bool {
     match session.admit() {
         Verdict::Allow => true,
-        Verdict::Refuse => false,
+        Verdict::Refuse => {
+            crate::observe::event_refused();
+            false
+        }
         Verdict::Disconnect => {
             tracing::info!(sid = %s.id, "socket disconnected for flooding events");
             s.clone().disconnect().ok();

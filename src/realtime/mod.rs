@@ -95,8 +95,13 @@ pub async fn authenticate<A: Adapter>(
     let token = presented_token(&s, &auth, ctx.allow_token_in_query).ok_or(AuthError::Missing);
     let claims = token.and_then(|t| ctx.jwt.verify(&t)).inspect_err(|e| {
         tracing::info!(sid = %s.id, reason = %e, "connection refused");
+        crate::observe::socket_refused(match e {
+            AuthError::Missing => "missing_token",
+            AuthError::Invalid => "invalid_token",
+            AuthError::Expired => "token_expired",
+        });
     })?;
-    let session = Session::new(claims, &ctx.limits);
+    let session = Session::new(claims, &ctx.limits, s.transport_type());
     // Rooms and listeners are set up here, before the handshake completes: the connect handler
     // runs as a separate task after the client is told it is connected, and a dashboard that
     // emits in its `connect` callback must never find nobody listening.
@@ -121,6 +126,7 @@ pub async fn on_connect<A: Adapter>(
 ) {
     let claims = session.claims();
     tracing::info!(sid = %s.id, org = %claims.org_id, transport = ?s.transport_type(), "socket connected");
+    crate::observe::socket_connected(transport_label(s.transport_type()));
     let task = tokio::spawn(expire_at_deadline(io, s.id, session.clone()));
     session.set_expiry_task(task.abort_handle());
 }
@@ -131,7 +137,15 @@ async fn on_disconnect<A: Adapter>(
     reason: DisconnectReason,
 ) {
     session.end();
+    crate::observe::socket_disconnected(transport_label(session.transport()));
     tracing::info!(sid = %s.id, ?reason, "socket disconnected");
+}
+
+fn transport_label(t: socketioxide::TransportType) -> &'static str {
+    match t {
+        socketioxide::TransportType::Websocket => "websocket",
+        socketioxide::TransportType::Polling => "polling",
+    }
 }
 
 /// Sleeps until the token's `exp` + leeway (re-reading it, since `auth:refresh` may have moved

@@ -16,6 +16,8 @@ pub struct Outgoing {
     pub rooms: Vec<String>,
     pub event: Cow<'static, str>,
     pub payload: Box<RawValue>,
+    /// The metric label: the event name for the gateway's own events, `published` otherwise.
+    pub label: &'static str,
 }
 
 /// Where pipeline stages send events; cheap to clone. Bounded: a stalled emitter stalls the
@@ -42,6 +44,10 @@ impl Outbox {
         payload: &T,
     ) {
         let event = event.into();
+        let label = match &event {
+            Cow::Borrowed(name) => name,
+            Cow::Owned(_) => "published",
+        };
         let payload = match serde_json::value::to_raw_value(payload) {
             Ok(raw) => raw,
             Err(e) => {
@@ -55,6 +61,7 @@ impl Outbox {
                 rooms,
                 event,
                 payload,
+                label,
             })
             .await
             .is_err()
@@ -67,6 +74,7 @@ impl Outbox {
 /// Broadcasts everything put in the outbox until every sender is gone.
 pub async fn run_emitter<A: Adapter>(io: SocketIo<A>, mut rx: mpsc::Receiver<Outgoing>) {
     while let Some(out) = rx.recv().await {
+        crate::observe::emitted(out.label);
         if let Err(e) = io
             .to(out.rooms)
             .emit(out.event.as_ref(), &out.payload)

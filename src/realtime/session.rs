@@ -12,6 +12,8 @@ use crate::auth::UserClaims;
 use crate::config::Limits;
 
 pub struct Session {
+    /// The transport at connect, so the connected-sockets gauge goes down under the same label.
+    transport: socketioxide::TransportType,
     claims: RwLock<UserClaims>,
     limiter: Mutex<RateLimiter>,
     /// Site and unit rooms joined through `subscribe:*`, counted against the per-socket cap.
@@ -31,8 +33,13 @@ struct Turns {
 }
 
 impl Session {
-    pub fn new(claims: UserClaims, limits: &Limits) -> Arc<Self> {
+    pub fn new(
+        claims: UserClaims,
+        limits: &Limits,
+        transport: socketioxide::TransportType,
+    ) -> Arc<Self> {
         Arc::new(Session {
+            transport,
             claims: RwLock::new(claims),
             limiter: Mutex::new(RateLimiter::new(
                 limits.socket_events_per_second,
@@ -45,6 +52,10 @@ impl Session {
             turns: Mutex::new(Turns::default()),
             turn_changed: Notify::new(),
         })
+    }
+
+    pub fn transport(&self) -> socketioxide::TransportType {
+        self.transport
     }
 
     pub fn claims(&self) -> UserClaims {

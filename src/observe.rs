@@ -1,0 +1,163 @@
+//! Every metric of the gateway, named and counted in one place (Prometheus text at `/metrics`).
+//!
+//! Labels stay low-cardinality: transports, outcomes, status codes, event kinds — never an
+//! organisation, unit, socket or user id.
+
+use std::time::Duration;
+
+use metrics::{counter, gauge, histogram};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+
+/// Installs the process-wide recorder; the handle renders `/metrics`.
+pub fn install() -> anyhow::Result<PrometheusHandle> {
+    let handle = PrometheusBuilder::new()
+        .set_buckets_for_metric(
+            Matcher::Suffix("seconds".into()),
+            &[
+                0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+            ],
+        )?
+        .set_buckets_for_metric(
+            Matcher::Full("sensorwire_commit_batch_readings".into()),
+            &[
+                1.0, 10.0, 50.0, 100.0, 500.0, 1000.0, 2500.0, 5000.0, 10000.0,
+            ],
+        )?
+        .install_recorder()?;
+    describe();
+    Ok(handle)
+}
+
+fn describe() {
+    use metrics::{describe_counter, describe_gauge, describe_histogram};
+    describe_gauge!(
+        "sensorwire_sockets_connected",
+        "Connected Socket.io sockets by transport at connect"
+    );
+    describe_counter!(
+        "sensorwire_socket_connects_total",
+        "Accepted Socket.io handshakes"
+    );
+    describe_counter!(
+        "sensorwire_socket_connect_errors_total",
+        "Refused Socket.io handshakes by reason"
+    );
+    describe_counter!(
+        "sensorwire_events_emitted_total",
+        "Server events broadcast, by event"
+    );
+    describe_counter!(
+        "sensorwire_ingest_requests_total",
+        "Ingest requests by HTTP status"
+    );
+    describe_counter!(
+        "sensorwire_readings_total",
+        "Ingested readings by outcome (accepted, duplicate)"
+    );
+    describe_histogram!(
+        "sensorwire_commit_batch_readings",
+        "Readings per group commit"
+    );
+    describe_histogram!("sensorwire_commit_seconds", "Duration of a group commit");
+    describe_histogram!(
+        "sensorwire_flush_latency_seconds",
+        "From commit to the reading's batch being emitted"
+    );
+    describe_gauge!(
+        "sensorwire_buffered_readings",
+        "Readings stored and waiting for their batch"
+    );
+    describe_counter!("sensorwire_alerts_opened_total", "Alerts opened by type");
+    describe_counter!(
+        "sensorwire_alerts_resolved_total",
+        "Alerts resolved by type"
+    );
+    describe_counter!(
+        "sensorwire_slow_consumer_disconnects_total",
+        "Clients closed for not reading fast enough"
+    );
+    describe_counter!(
+        "sensorwire_client_events_refused_total",
+        "Client events refused by the rate limit"
+    );
+    describe_counter!(
+        "sensorwire_storage_errors_total",
+        "Storage operations that failed"
+    );
+    describe_counter!(
+        "sensorwire_redis_outages_total",
+        "Times Redis became unreachable"
+    );
+    describe_gauge!(
+        "sensorwire_plain_ws_connected",
+        "Connected plain WebSocket clients"
+    );
+}
+
+pub fn socket_connected(transport: &'static str) {
+    gauge!("sensorwire_sockets_connected", "transport" => transport).increment(1.0);
+    counter!("sensorwire_socket_connects_total").increment(1);
+}
+
+pub fn socket_disconnected(transport: &'static str) {
+    gauge!("sensorwire_sockets_connected", "transport" => transport).decrement(1.0);
+}
+
+pub fn socket_refused(reason: &'static str) {
+    counter!("sensorwire_socket_connect_errors_total", "reason" => reason).increment(1);
+}
+
+/// `event` must be one of the gateway's own names or `"published"`.
+pub fn emitted(event: &'static str) {
+    counter!("sensorwire_events_emitted_total", "event" => event).increment(1);
+}
+
+pub fn ingest_request(status: u16) {
+    counter!("sensorwire_ingest_requests_total", "status" => status.to_string()).increment(1);
+}
+
+pub fn readings(accepted: usize, duplicates: usize) {
+    counter!("sensorwire_readings_total", "outcome" => "accepted").increment(accepted as u64);
+    counter!("sensorwire_readings_total", "outcome" => "duplicate").increment(duplicates as u64);
+}
+
+pub fn committed(rows: usize, took: Duration) {
+    histogram!("sensorwire_commit_batch_readings").record(rows as f64);
+    histogram!("sensorwire_commit_seconds").record(took.as_secs_f64());
+}
+
+pub fn flushed(after_commit: Duration) {
+    histogram!("sensorwire_flush_latency_seconds").record(after_commit.as_secs_f64());
+}
+
+pub fn buffered(now: usize) {
+    gauge!("sensorwire_buffered_readings").set(now as f64);
+}
+
+pub fn alert_opened(kind: &'static str) {
+    counter!("sensorwire_alerts_opened_total", "type" => kind).increment(1);
+}
+
+pub fn alert_resolved(kind: &'static str) {
+    counter!("sensorwire_alerts_resolved_total", "type" => kind).increment(1);
+}
+
+pub fn slow_consumer(kind: &'static str) {
+    counter!("sensorwire_slow_consumer_disconnects_total", "client" => kind).increment(1);
+}
+
+pub fn event_refused() {
+    counter!("sensorwire_client_events_refused_total").increment(1);
+}
+
+pub fn storage_error() {
+    counter!("sensorwire_storage_errors_total").increment(1);
+}
+
+pub fn redis_outage() {
+    counter!("sensorwire_redis_outages_total").increment(1);
+}
+
+pub fn plain_ws(delta: f64) {
+    gauge!("sensorwire_plain_ws_connected").increment(delta);
+}
