@@ -112,6 +112,15 @@ pub struct Limits {
     /// Events one publisher (API key or admin) may `POST /api/events` per second.
     #[arg(long, env = "PUBLISH_PER_SECOND", default_value_t = 50)]
     pub publish_per_second: u32,
+    /// Ingest requests per second per API key (burst 2×; 429 beyond).
+    #[arg(long, env = "INGEST_PER_SECOND_PER_KEY", default_value_t = 100)]
+    pub ingest_per_second_per_key: u32,
+    /// Ingest requests per second per organisation, all callers together (burst 2×; 429 beyond).
+    #[arg(long, env = "INGEST_PER_SECOND_PER_ORG", default_value_t = 2000)]
+    pub ingest_per_second_per_org: u32,
+    /// Socket.io connections one user may hold on a node (tabs); more are refused.
+    #[arg(long, env = "MAX_CONNECTIONS_PER_USER", default_value_t = 20)]
+    pub max_connections_per_user: usize,
     /// Largest Socket.io packet a client may send, in bytes.
     #[arg(long, env = "SOCKET_MAX_PAYLOAD", default_value_t = 64 * 1024)]
     pub socket_max_payload: u64,
@@ -236,6 +245,18 @@ impl Config {
             ("INGEST_QUEUE", l.ingest_queue as u64),
             ("OFFLINE_SWEEP_MS", l.offline_sweep_ms),
             ("PUBLISH_PER_SECOND", l.publish_per_second as u64),
+            (
+                "INGEST_PER_SECOND_PER_KEY",
+                l.ingest_per_second_per_key as u64,
+            ),
+            (
+                "INGEST_PER_SECOND_PER_ORG",
+                l.ingest_per_second_per_org as u64,
+            ),
+            (
+                "MAX_CONNECTIONS_PER_USER",
+                l.max_connections_per_user as u64,
+            ),
         ] {
             if value == 0 {
                 return Err(invalid(name, "must be greater than 0"));

@@ -169,7 +169,12 @@ async fn serve<A: Adapter>(
         vec![to_fanout, to_monitor],
         stopped,
     );
-    let emitter = tokio::spawn(realtime::outbox::run_emitter(io.clone(), outgoing));
+    let (stop_emitter, emitter_stopped) = tokio::sync::oneshot::channel();
+    let emitter = tokio::spawn(realtime::outbox::run_emitter(
+        io.clone(),
+        outgoing,
+        emitter_stopped,
+    ));
     let (redis, redis_clients) = match cluster {
         Some(c) => (Some(c.health), Some((c.client, c.subscriber))),
         None => (None, None),
@@ -201,7 +206,7 @@ async fn serve<A: Adapter>(
         redis,
         bus,
         outbox,
-        publish_limits: Default::default(),
+        rate_limits: Default::default(),
         metrics: parts_metrics,
     };
     let app: Router = http::router(state)
@@ -221,15 +226,14 @@ async fn serve<A: Adapter>(
     let drain = tokio::spawn(async move {
         shutdown.await;
         stop.send(true).ok();
-        for (name, task) in [
-            ("writer", writer),
-            ("fanout", fanout),
-            ("monitor", monitor),
-            ("emitter", emitter),
-        ] {
+        for (name, task) in [("writer", writer), ("fanout", fanout), ("monitor", monitor)] {
             if let Err(e) = task.await {
                 tracing::error!(task = name, error = %e, "pipeline task failed during shutdown");
             }
+        }
+        stop_emitter.send(()).ok();
+        if let Err(e) = emitter.await {
+            tracing::error!(task = "emitter", error = %e, "pipeline task failed during shutdown");
         }
         closing_io.close().await;
         drained.send(()).ok();

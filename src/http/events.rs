@@ -39,12 +39,13 @@ pub fn reserved(event: &str) -> bool {
         )
 }
 
-/// Per-publisher rate limits (by API key id or user).
+/// Rate limits by caller (API key, user or organisation), each a token bucket of `per_second`
+/// with a burst of twice that.
 #[derive(Default)]
-pub struct PublishLimits(Mutex<HashMap<String, RateLimiter>>);
+pub struct KeyedLimits(Mutex<HashMap<String, RateLimiter>>);
 
-impl PublishLimits {
-    fn check(&self, who: &str, per_second: u32) -> bool {
+impl KeyedLimits {
+    pub fn check(&self, who: &str, per_second: u32) -> bool {
         let mut map = self.0.lock().unwrap();
         if map.len() > 10_000 {
             map.clear(); // bounded: forgetting buckets only ever lets a caller through early
@@ -73,13 +74,13 @@ pub async fn publish(
     Json(req): Json<PublishRequest>,
 ) -> Result<(StatusCode, JsonBody<PublishResponse>), AppError> {
     let who = match &caller {
-        Caller::User(u) if u.role == Role::Admin => format!("user:{}:{}", u.org_id, u.sub),
+        Caller::User(u) if u.role == Role::Admin => format!("publish:user:{}:{}", u.org_id, u.sub),
         Caller::User(_) => {
             return Err(AppError::Forbidden(
                 "publishing needs the admin role".into(),
             ));
         }
-        Caller::Key(k) if k.scopes.contains(&KeyScope::Publish) => format!("key:{}", k.id),
+        Caller::Key(k) if k.scopes.contains(&KeyScope::Publish) => format!("publish:key:{}", k.id),
         Caller::Key(_) => {
             return Err(AppError::Forbidden(
                 "this API key lacks the publish scope".into(),
@@ -110,7 +111,7 @@ pub async fn publish(
         )));
     }
     if !app
-        .publish_limits
+        .rate_limits
         .check(&who, app.config.limits.publish_per_second)
     {
         return Err(AppError::RateLimited {

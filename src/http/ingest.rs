@@ -69,6 +69,22 @@ async fn accept(
             ));
         }
     }
+    let l = &app.config.limits;
+    let limited = match &caller {
+        Caller::Key(k) => !app
+            .rate_limits
+            .check(&format!("ingest:key:{}", k.id), l.ingest_per_second_per_key),
+        Caller::User(_) => false,
+    } || !app.rate_limits.check(
+        &format!("ingest:org:{}", caller.org_id()),
+        l.ingest_per_second_per_org,
+    );
+    if limited {
+        return Err(AppError::RateLimited {
+            message: "too many ingest requests; slow down and retry".into(),
+            retry_after: 1,
+        });
+    }
     let body = body.map_err(|r| match r.status() {
         StatusCode::PAYLOAD_TOO_LARGE => AppError::PayloadTooLarge(format!(
             "request body is over {} bytes",

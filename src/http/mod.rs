@@ -21,7 +21,7 @@ use tower_http::cors::{AllowOrigin, Any, CorsLayer};
 
 pub use demo::DEMO_ORG;
 pub use error::AppError;
-pub use events::PublishLimits;
+pub use events::KeyedLimits;
 pub use extract::{Admin, Json, User};
 pub use keys::create_key;
 
@@ -41,7 +41,8 @@ pub struct AppState {
     pub redis: Option<crate::cluster::RedisHealth>,
     pub bus: crate::bus::Bus,
     pub outbox: crate::realtime::outbox::Outbox,
-    pub publish_limits: Arc<events::PublishLimits>,
+    /// Publish and ingest rate limits, by caller.
+    pub rate_limits: Arc<events::KeyedLimits>,
     pub metrics: metrics_exporter_prometheus::PrometheusHandle,
 }
 

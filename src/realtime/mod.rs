@@ -85,12 +85,21 @@ fn presented_token<A: Adapter>(
     None
 }
 
+/// Why a handshake was refused; `Display` is the `connect_error` message the client sees.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectRefused {
+    #[error(transparent)]
+    Auth(#[from] AuthError),
+    #[error("rate_limited: too many connections for this user")]
+    TooManyConnections,
+}
+
 /// Connect middleware: verify the token or refuse with the contract's `connect_error` message.
 pub async fn authenticate<A: Adapter>(
     s: SocketRef<A>,
     TryData(auth): TryData<Value>,
     State(ctx): State<Ctx>,
-) -> Result<(), AuthError> {
+) -> Result<(), ConnectRefused> {
     let auth = auth.ok();
     let token = presented_token(&s, &auth, ctx.allow_token_in_query).ok_or(AuthError::Missing);
     let claims = token.and_then(|t| ctx.jwt.verify(&t)).inspect_err(|e| {
@@ -101,6 +110,16 @@ pub async fn authenticate<A: Adapter>(
             AuthError::Expired => "token_expired",
         });
     })?;
+    let tabs = s
+        .within(rooms::user(&claims.org_id, &claims.sub))
+        .local()
+        .sockets()
+        .len();
+    if tabs >= ctx.limits.max_connections_per_user {
+        tracing::info!(sid = %s.id, "connection refused: too many connections for one user");
+        crate::observe::socket_refused("too_many_connections");
+        return Err(ConnectRefused::TooManyConnections);
+    }
     let session = Session::new(claims, &ctx.limits, s.transport_type());
     // Rooms and listeners are set up here, before the handshake completes: the connect handler
     // runs as a separate task after the client is told it is connected, and a dashboard that

@@ -71,9 +71,29 @@ impl Outbox {
     }
 }
 
-/// Broadcasts everything put in the outbox until every sender is gone.
-pub async fn run_emitter<A: Adapter>(io: SocketIo<A>, mut rx: mpsc::Receiver<Outgoing>) {
-    while let Some(out) = rx.recv().await {
+/// Broadcasts everything put in the outbox. When `stop` fires (after the pipeline stages have
+/// ended) it refuses new events, sends what is already queued, and ends — it cannot wait for
+/// every sender to go, since request handlers hold one until the server itself is gone.
+pub async fn run_emitter<A: Adapter>(
+    io: SocketIo<A>,
+    mut rx: mpsc::Receiver<Outgoing>,
+    stop: tokio::sync::oneshot::Receiver<()>,
+) {
+    let mut stop = Some(stop);
+    loop {
+        let next = match stop.as_mut() {
+            Some(signal) => tokio::select! {
+                biased;
+                out = rx.recv() => out,
+                _ = signal => {
+                    rx.close();
+                    stop = None;
+                    continue;
+                }
+            },
+            None => rx.recv().await,
+        };
+        let Some(out) = next else { break };
         crate::observe::emitted(out.label);
         if let Err(e) = io
             .to(out.rooms)
