@@ -1,5 +1,10 @@
-// Worker thread for the end-to-end scenario: holds a share of the Socket.io clients and records,
-// for every reading of every `sensor:readings:batch` it receives, now − recordedAt.
+// Worker thread for the e2e and cluster scenarios: holds a share of the Socket.io clients and
+// records, for every reading of every `sensor:readings:batch` it receives, now − recordedAt.
+//
+// workerData: { url } (every client on one gateway) or { urls, firstIndex } (several nodes: the
+// client with overall index i connects to urls[i % urls.length]); with `deviceNode`
+// ({ deviceId: node index }) the latency of each reading is also recorded as local (posted to the
+// client's own node) or cross-node (posted to another node, relayed over Redis).
 //
 // Messages from the main thread:
 //   { type: 'connect' }  → connects its clients (paced), answers { type: 'connected', ... }
@@ -12,10 +17,18 @@ import { monitorEventLoopDelay } from 'node:perf_hooks';
 
 import { io } from 'socket.io-client';
 
-const { url, tokens, connectPerSecond, connectTimeoutMs, workerIndex } = workerData;
+const { tokens, connectPerSecond, connectTimeoutMs, workerIndex } = workerData;
+const urls = workerData.urls ?? [workerData.url];
+const firstIndex = workerData.firstIndex ?? 0;
+const deviceNode = workerData.deviceNode ?? null;
 
 const HIST_MAX_MS = 120_000;
 let hist = new Uint32Array(HIST_MAX_MS + 1);
+// Only with deviceNode: the same latencies split by where the reading was posted.
+let histLocal = deviceNode ? new Uint32Array(HIST_MAX_MS + 1) : null;
+let histRemote = deviceNode ? new Uint32Array(HIST_MAX_MS + 1) : null;
+let maxLocal = 0;
+let maxRemote = 0;
 let deliveries = 0; // reading-deliveries (one reading to one client)
 let batchEvents = 0;
 let duplicates = 0; // a reading id a client had already received
@@ -32,6 +45,8 @@ class Client {
   constructor(index, token) {
     this.index = index;
     this.token = token;
+    this.node = (firstIndex + index) % urls.length;
+    this.url = urls[this.node];
     this.socket = null;
     this.connected = false;
     this.everConnected = false;
@@ -64,7 +79,7 @@ class Client {
 
   connect() {
     return new Promise((resolve) => {
-      const socket = io(url, {
+      const socket = io(this.url, {
         auth: { token: this.token },
         transports: ['websocket'],
         forceNew: true,
@@ -119,6 +134,16 @@ class Client {
       if (lat > maxLatency) maxLatency = lat;
       if (lat < minLatency) minLatency = lat;
       hist[Math.min(lat, HIST_MAX_MS)]++;
+      if (deviceNode) {
+        const from = deviceNode[r.deviceId];
+        if (from === this.node) {
+          histLocal[Math.min(lat, HIST_MAX_MS)]++;
+          if (lat > maxLocal) maxLocal = lat;
+        } else {
+          histRemote[Math.min(lat, HIST_MAX_MS)]++;
+          if (lat > maxRemote) maxRemote = lat;
+        }
+      }
     }
   }
 }
@@ -181,12 +206,22 @@ function stats() {
     loopDelayP99Ms: loopDelay.percentile(99) / 1e6,
     loopDelayMaxMs: loopDelay.max / 1e6,
     hist: hist.slice(),
+    histLocal: histLocal ? histLocal.slice() : null,
+    histRemote: histRemote ? histRemote.slice() : null,
+    maxLocal,
+    maxRemote,
   };
   return out;
 }
 
 function reset() {
   hist = new Uint32Array(HIST_MAX_MS + 1);
+  if (deviceNode) {
+    histLocal = new Uint32Array(HIST_MAX_MS + 1);
+    histRemote = new Uint32Array(HIST_MAX_MS + 1);
+  }
+  maxLocal = 0;
+  maxRemote = 0;
   deliveries = 0;
   batchEvents = 0;
   duplicates = 0;
@@ -204,7 +239,7 @@ parentPort.on('message', async (msg) => {
     parentPort.postMessage({ type: 'connected', ...(await connectAll()) });
   } else if (msg.type === 'stats') {
     const s = stats();
-    parentPort.postMessage(s, [s.hist.buffer]);
+    parentPort.postMessage(s, [s.hist, s.histLocal, s.histRemote].filter(Boolean).map((h) => h.buffer));
   } else if (msg.type === 'reset') {
     reset();
     parentPort.postMessage({ type: 'reset' });

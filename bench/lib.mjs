@@ -5,6 +5,7 @@ import { spawn, execFileSync } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
 import { existsSync, mkdtempSync, readFileSync, rmSync } from 'node:fs';
 import http from 'node:http';
+import net from 'node:net';
 import { tmpdir } from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
@@ -211,6 +212,9 @@ export function sqliteCount(file, sql) {
 // ---------------------------------------------------------------------------------------------
 // The gateway process
 
+/** A random 32-character JWT_SECRET. */
+export const newSecret = () => randomBytes(24).toString('base64url').slice(0, 32);
+
 const SCRUBBED_ENV = [
   'REDIS_URL', 'JWT_PUBLIC_KEY_FILE', 'JWKS_FILE', 'JWT_ISSUER', 'JWT_AUDIENCE', 'CORS_ORIGINS',
   'LOG_FORMAT', 'FLUSH_INTERVAL_MS', 'DATABASE_URL', 'JWT_SECRET', 'HOST', 'PORT', 'RUST_LOG',
@@ -219,8 +223,19 @@ const SCRUBBED_ENV = [
 /**
  * Starts `sensorwire serve` with a fresh database of `engine` ('sqlite' | 'postgres').
  * Resolves { url, pid, secret, engine, databaseUrl, sqliteFile, stderrLines(), stop(), cleanup() }.
+ *
+ * For several nodes on one database, pass `databaseUrl` (an existing PostgreSQL database the
+ * caller created and drops: the gateway neither creates nor drops it) and the same `secret`.
  */
-export async function startGateway({ bin, engine, pgUrl, env: extraEnv = {}, startupTimeoutMs = 30_000 }) {
+export async function startGateway({
+  bin,
+  engine,
+  pgUrl,
+  env: extraEnv = {},
+  startupTimeoutMs = 30_000,
+  databaseUrl: sharedDatabaseUrl = null,
+  secret: sharedSecret = null,
+}) {
   if (!existsSync(bin)) {
     throw new Error(`gateway binary not found at ${bin} (run \`cargo build --release\` or set SENSORWIRE_BIN)`);
   }
@@ -228,7 +243,10 @@ export async function startGateway({ bin, engine, pgUrl, env: extraEnv = {}, sta
   let pgDb = null;
   let databaseUrl;
   let sqliteFile = null;
-  if (engine === 'sqlite') {
+  if (sharedDatabaseUrl) {
+    if (engine !== 'postgres') throw new Error('a shared database must be PostgreSQL');
+    databaseUrl = sharedDatabaseUrl;
+  } else if (engine === 'sqlite') {
     sqliteFile = path.join(workDir, 'bench.db');
     databaseUrl = `sqlite://${sqliteFile}`;
   } else if (engine === 'postgres') {
@@ -238,7 +256,7 @@ export async function startGateway({ bin, engine, pgUrl, env: extraEnv = {}, sta
     throw new Error(`unknown engine ${engine}`);
   }
 
-  const secret = randomBytes(24).toString('base64url').slice(0, 32);
+  const secret = sharedSecret ?? newSecret();
   const env = { ...process.env };
   for (const key of SCRUBBED_ENV) delete env[key];
   Object.assign(env, {
@@ -345,4 +363,88 @@ export function summariseLog(lines) {
   }
   const top = [...samples.values()].sort((a, b) => b.count - a.count).slice(0, 5);
   return { lines: lines.length, levels, top };
+}
+
+// ---------------------------------------------------------------------------------------------
+// Redis (the cluster scenario starts its own, private one)
+
+/** A TCP port that was free a moment ago on 127.0.0.1. */
+export function freePort() {
+  return new Promise((resolve, reject) => {
+    const srv = net.createServer();
+    srv.unref();
+    srv.once('error', reject);
+    srv.listen(0, '127.0.0.1', () => {
+      const { port } = srv.address();
+      srv.close(() => resolve(port));
+    });
+  });
+}
+
+/** One `PING` over a fresh connection: resolves true on `+PONG`, false otherwise. */
+function redisPing(port, timeoutMs = 500) {
+  return new Promise((resolve) => {
+    const sock = net.connect({ host: '127.0.0.1', port });
+    let buf = '';
+    const done = (ok) => {
+      sock.destroy();
+      resolve(ok);
+    };
+    sock.setTimeout(timeoutMs, () => done(false));
+    sock.once('error', () => done(false));
+    sock.once('connect', () => sock.write('PING\r\n'));
+    sock.on('data', (d) => {
+      buf += d.toString('latin1');
+      if (buf.includes('\r\n')) done(buf.startsWith('+PONG'));
+    });
+  });
+}
+
+/**
+ * Starts `redis-server` on a free port of 127.0.0.1, no persistence, as a child process.
+ * Resolves { url, port, pid, stop() }; stop() sends SIGTERM (SIGKILL after 5 s).
+ */
+export async function startRedis({ bin = 'redis-server', startupTimeoutMs = 10_000 } = {}) {
+  const port = await freePort();
+  const child = spawn(bin, ['--port', String(port), '--bind', '127.0.0.1', '--save', '', '--appendonly', 'no'], {
+    stdio: ['ignore', 'pipe', 'pipe'],
+  });
+  let output = '';
+  const keep = (chunk) => {
+    if (output.length < 64 * 1024) output += chunk;
+  };
+  child.stdout.setEncoding('utf8').on('data', keep);
+  child.stderr.setEncoding('utf8').on('data', keep);
+  let spawnError = null;
+  child.once('error', (e) => {
+    spawnError = e;
+  });
+  const exited = new Promise((resolve) => child.once('exit', (code, signal) => resolve({ code, signal })));
+  let stopped = false;
+  const stop = async () => {
+    if (stopped) return;
+    stopped = true;
+    if (child.exitCode === null && child.signalCode === null && !spawnError) {
+      child.kill('SIGTERM');
+      const done = await Promise.race([exited, sleep(5_000).then(() => null)]);
+      if (!done) {
+        child.kill('SIGKILL');
+        await exited;
+      }
+    }
+  };
+  const deadline = Date.now() + startupTimeoutMs;
+  for (;;) {
+    if (spawnError) throw new Error(`could not start ${bin}: ${spawnError.message}`);
+    if (child.exitCode !== null || child.signalCode !== null) {
+      throw new Error(`redis-server exited early (code ${child.exitCode}, signal ${child.signalCode})\n${output}`);
+    }
+    if (await redisPing(port)) break;
+    if (Date.now() > deadline) {
+      await stop();
+      throw new Error(`redis-server did not answer PING on port ${port} within ${startupTimeoutMs} ms\n${output}`);
+    }
+    await sleep(50);
+  }
+  return { url: `redis://127.0.0.1:${port}`, port, pid: child.pid, stop, output: () => output };
 }

@@ -2,7 +2,8 @@
 // sensorwire benchmark: starts the gateway itself and prints one JSON line per scenario on stdout
 // (progress goes to stderr). See README.md for what every figure means.
 //
-//   node run.mjs            full run (≈ 2–4 minutes on a 2-core machine)
+//   node run.mjs            full run (≈ 4–6 minutes on a 2-core machine)
+//   node run.mjs --scenarios cluster   only the two-node Redis scenario (≈ 1.5 minutes)
 //   node run.mjs --quick    smoke run (≈ 30 s)
 //   node run.mjs --help     every flag
 
@@ -15,6 +16,8 @@ import { fileURLToPath } from 'node:url';
 import {
   DEFAULT_BIN,
   cpuSeconds,
+  createPostgresDatabase,
+  dropPostgresDatabase,
   histPercentile,
   isoMs,
   log,
@@ -22,6 +25,7 @@ import {
   makeAgent,
   mintToken,
   mustRequest,
+  newSecret,
   percentiles,
   postgresCount,
   request,
@@ -30,6 +34,7 @@ import {
   sqliteAvailable,
   sqliteCount,
   startGateway,
+  startRedis,
   statusMiB,
   summariseLog,
 } from './lib.mjs';
@@ -42,7 +47,8 @@ const SERVER_DEFAULT_FLUSH_MS = 1000; // the contract's default for FLUSH_INTERV
 
 const FLAGS = {
   quick: { type: 'boolean', default: false, help: 'smoke run (~30 s): fewer posters, clients and seconds' },
-  scenarios: { type: 'string', help: 'comma list of ingest,e2e (default both)' },
+  scenarios: { type: 'string', help: 'comma list of ingest,e2e,cluster (default all three, in that order)' },
+  scenario: { type: 'string', help: 'same as --scenarios' },
   bin: { type: 'string', help: 'gateway binary (default $SENSORWIRE_BIN or ../target/release/sensorwire)' },
   'pg-url': { type: 'string', help: 'maintenance database for CREATE/DROP DATABASE (default $BENCH_POSTGRES_URL or postgres://root@127.0.0.1:5432/test)' },
   engines: { type: 'string', help: 'ingest: comma list of sqlite,postgres (default both)' },
@@ -55,9 +61,16 @@ const FLAGS = {
   'e2e-units': { type: 'string', help: 'e2e: units the readings are spread over (default 50)' },
   'request-size': { type: 'string', help: 'e2e: readings per ingest request (default 10)' },
   'e2e-duration': { type: 'string', help: 'e2e: seconds of posting (default 20)' },
-  workers: { type: 'string', help: 'e2e: worker threads holding the clients (default 2)' },
-  'connect-rate': { type: 'string', help: 'e2e: new connections per second while connecting (default 200)' },
-  'flush-interval-ms': { type: 'string', help: 'e2e: FLUSH_INTERVAL_MS given to the gateway (default: unset = server default 1000)' },
+  workers: { type: 'string', help: 'e2e, cluster: worker threads holding the clients (default 2)' },
+  'connect-rate': { type: 'string', help: 'e2e, cluster: new connections per second while connecting (default 200)' },
+  'flush-interval-ms': { type: 'string', help: 'e2e, cluster: FLUSH_INTERVAL_MS given to the gateway(s) (default: unset = server default 1000)' },
+  'cluster-nodes': { type: 'string', help: 'cluster: comma list of node counts to run, in order (default 2,1: two nodes on Redis, then one node without)' },
+  'cluster-clients': { type: 'string', help: 'cluster: Socket.io clients, split evenly over the nodes (default 2000)' },
+  'cluster-rate': { type: 'string', help: 'cluster: readings per second posted, alternating between the nodes (default 200)' },
+  'cluster-units': { type: 'string', help: 'cluster: units the readings are spread over (default 50)' },
+  'cluster-request-size': { type: 'string', help: 'cluster: readings per ingest request (default 10)' },
+  'cluster-duration': { type: 'string', help: 'cluster: seconds of posting (default 20)' },
+  'redis-server': { type: 'string', help: 'cluster: redis-server binary (default $REDIS_SERVER or redis-server on PATH)' },
   help: { type: 'boolean', default: false, help: 'this text' },
 };
 
@@ -80,7 +93,7 @@ function options() {
   const list = (name, full, quick) => (values[name] ?? (q ? quick : full)).split(',').map((s) => s.trim()).filter(Boolean);
   const o = {
     quick: q,
-    scenarios: list('scenarios', 'ingest,e2e', 'ingest,e2e'),
+    scenarios: (values.scenarios ?? values.scenario ?? 'ingest,e2e,cluster').split(',').map((s) => s.trim()).filter(Boolean),
     bin: values.bin ?? process.env.SENSORWIRE_BIN ?? DEFAULT_BIN,
     pgUrl: values['pg-url'] ?? process.env.BENCH_POSTGRES_URL ?? 'postgres://root@127.0.0.1:5432/test',
     engines: list('engines', 'sqlite,postgres', 'sqlite,postgres'),
@@ -96,8 +109,17 @@ function options() {
     workers: num('workers', 2, 1),
     connectRate: num('connect-rate', 200, 200),
     flushIntervalMs: values['flush-interval-ms'] !== undefined ? Number(values['flush-interval-ms']) : null,
+    clusterNodes: list('cluster-nodes', '2,1', '2,1').map(Number),
+    clusterClients: num('cluster-clients', 2000, 200),
+    clusterRate: num('cluster-rate', 200, 100),
+    clusterUnits: num('cluster-units', 50, 50),
+    clusterRequestSize: num('cluster-request-size', 10, 10),
+    clusterDuration: num('cluster-duration', 20, 5),
+    redisServer: values['redis-server'] ?? process.env.REDIS_SERVER ?? 'redis-server',
   };
-  for (const s of o.scenarios) if (!['ingest', 'e2e'].includes(s)) throw new Error(`unknown scenario ${s}`);
+  for (const s of o.scenarios) if (!['ingest', 'e2e', 'cluster'].includes(s)) throw new Error(`unknown scenario ${s}`);
+  for (const n of o.clusterNodes) if (!Number.isInteger(n) || n < 1) throw new Error('--cluster-nodes: positive integers');
+  if (o.clusterRequestSize > 1000 || o.requestSize > 1000) throw new Error('--request-size / --cluster-request-size is at most 1000 (the gateway cap)');
   for (const e of o.engines) if (!['sqlite', 'postgres'].includes(e)) throw new Error(`unknown engine ${e}`);
   if (o.readingsPerRequest > 1000) throw new Error('--readings-per-request is at most 1000 (the gateway cap)');
   return o;
@@ -279,14 +301,20 @@ async function ingestRun(o, engine, posters) {
 // ---------------------------------------------------------------------------------------------
 // Scenario 2: end-to-end latency of sensor:readings:batch
 
-function startWorkers(n, url, tokens, connectRate) {
+/**
+ * `url`: one gateway URL, or an array of node URLs: then the client with overall index i connects
+ * to url[i % url.length] (see clients.mjs), and `deviceNode` lets the workers split latency into
+ * local and cross-node deliveries.
+ */
+function startWorkers(n, url, tokens, connectRate, { deviceNode = null } = {}) {
   const workers = [];
   const per = Math.ceil(tokens.length / n);
   for (let w = 0; w < n; w++) {
     const share = tokens.slice(w * per, (w + 1) * per);
     if (share.length === 0) continue;
+    const where = Array.isArray(url) ? { urls: url, firstIndex: w * per, deviceNode } : { url };
     const worker = new Worker(fileURLToPath(new URL('./clients.mjs', import.meta.url)), {
-      workerData: { url, tokens: share, connectPerSecond: connectRate / n, connectTimeoutMs: 20_000, workerIndex: w },
+      workerData: { ...where, tokens: share, connectPerSecond: connectRate / n, connectTimeoutMs: 20_000, workerIndex: w },
     });
     const waiters = [];
     worker.on('message', (msg) => {
@@ -325,6 +353,16 @@ async function collectStats(workers) {
     loopDelayP99Ms: 0,
     loopDelayMaxMs: 0,
     hist: null,
+    histLocal: null,
+    histRemote: null,
+    maxLocal: 0,
+    maxRemote: 0,
+  };
+  const add = (into, h) => {
+    if (!h) return into;
+    if (!into) return h;
+    for (let i = 0; i < h.length; i++) into[i] += h[i];
+    return into;
   };
   for (const s of all) {
     for (const k of ['deliveries', 'batchEvents', 'duplicates', 'outOfOrder', 'countMismatch', 'badEvents', 'connectedNow', 'disconnectedClients']) merged[k] += s[k];
@@ -334,8 +372,11 @@ async function collectStats(workers) {
     for (const [k, v] of Object.entries(s.disconnects)) merged.disconnects[k] = (merged.disconnects[k] || 0) + v;
     merged.loopDelayP99Ms = Math.max(merged.loopDelayP99Ms, s.loopDelayP99Ms);
     merged.loopDelayMaxMs = Math.max(merged.loopDelayMaxMs, s.loopDelayMaxMs);
-    if (!merged.hist) merged.hist = s.hist;
-    else for (let i = 0; i < s.hist.length; i++) merged.hist[i] += s.hist[i];
+    merged.hist = add(merged.hist, s.hist);
+    merged.histLocal = add(merged.histLocal, s.histLocal);
+    merged.histRemote = add(merged.histRemote, s.histRemote);
+    merged.maxLocal = Math.max(merged.maxLocal, s.maxLocal ?? 0);
+    merged.maxRemote = Math.max(merged.maxRemote, s.maxRemote ?? 0);
   }
   return merged;
 }
@@ -540,6 +581,322 @@ async function e2eRun(o) {
 }
 
 // ---------------------------------------------------------------------------------------------
+// Scenario 3: several nodes on one PostgreSQL database and one Redis (the Socket.io Redis adapter)
+
+/** p50 / p99 / max of a 1 ms histogram. */
+function histSummary(hist, max) {
+  if (!hist) return null;
+  const total = hist.reduce((a, b) => a + b, 0);
+  return { p50: histPercentile(hist, total, 50), p99: histPercentile(hist, total, 99), max: total ? max : null, readings: total };
+}
+
+const perMillion = (cpu, deliveries) => (deliveries > 0 && cpu !== null ? round(cpu / (deliveries / 1e6), 2) : null);
+
+async function clusterRun(o, nodes) {
+  const flushEnv = o.flushIntervalMs !== null ? { FLUSH_INTERVAL_MS: String(o.flushIntervalMs) } : {};
+  const flushMs = o.flushIntervalMs ?? SERVER_DEFAULT_FLUSH_MS;
+  const secret = newSecret();
+  let db = null;
+  let redis = null;
+  const gws = [];
+  let workers = [];
+  const probes = [];
+  const agent = makeAgent(64);
+  try {
+    db = await createPostgresDatabase(o.pgUrl);
+    if (nodes > 1) {
+      redis = await startRedis({ bin: o.redisServer });
+      log(`cluster: redis-server pid ${redis.pid} on ${redis.url}`);
+    }
+    const env = { ...flushEnv, ...(redis ? { REDIS_URL: redis.url } : {}) };
+    // One after the other: the first node applies the migrations before the next one starts.
+    for (let i = 0; i < nodes; i++) {
+      gws.push(await startGateway({ bin: o.bin, engine: 'postgres', pgUrl: o.pgUrl, env, databaseUrl: db.url, secret }));
+    }
+    log(`cluster: ${nodes} node(s) on ${db.name}: ${gws.map((g) => `${g.url} (pid ${g.pid})`).join(', ')}`);
+    const admin = mintToken(secret, { sub: 'bench-poster', org: ORG, role: 'admin' });
+    const units = unitIds(o.clusterUnits, 'c');
+    await createFixtures(gws[0], admin, units);
+    const nodeCpu = () => gws.map((g) => cpuSeconds(g.pid));
+    const nodeRss = (field = 'VmRSS') => gws.map((g) => statusMiB(g.pid, field));
+    const sum = (xs) => (xs.some((x) => x === null || x === undefined) ? null : xs.reduce((a, b) => a + b, 0));
+    const diff = (b, a) => b.map((x, i) => (x === null || a[i] === null ? null : x - a[i]));
+    const redisCpu = () => (redis ? cpuSeconds(redis.pid) : null);
+    const rssIdle = nodeRss();
+
+    // Clients: overall index i on node i % nodes, each with its own `sub` (the gateway allows
+    // MAX_CONNECTIONS_PER_USER = 20 connections per user and node).
+    const deviceOf = (n) => `cluster-n${n}`;
+    const deviceNode = nodes > 1 ? Object.fromEntries(gws.map((_, n) => [deviceOf(n), n])) : null;
+    const tokens = Array.from({ length: o.clusterClients }, (_, i) => mintToken(secret, { sub: `dash-${i}`, org: ORG, role: 'admin' }));
+    const clientsPerNode = gws.map((_, n) => tokens.filter((_, i) => i % nodes === n).length);
+    const workerCount = Math.min(o.workers, o.clusterClients);
+    log(`cluster: connecting ${o.clusterClients} clients (${clientsPerNode.join(' + ')}) from ${workerCount} worker thread(s) at ~${o.connectRate}/s`);
+    const cpuConnect0 = nodeCpu();
+    const redisConnect0 = redisCpu();
+    workers = startWorkers(workerCount, gws.map((g) => g.url), tokens, o.connectRate, { deviceNode });
+    const connects = await Promise.all(workers.map((w) => w.call('connect', 'connected')));
+    const connected = connects.reduce((a, c) => a + c.connected, 0);
+    const connectErrors = {};
+    for (const c of connects) for (const [k, v] of Object.entries(c.errors)) connectErrors[k] = (connectErrors[k] || 0) + v;
+    const connectMs = Math.max(...connects.map((c) => c.ms));
+    const cpuConnect1 = nodeCpu();
+    const redisConnect1 = redisCpu();
+
+    // One probe client per node on the main thread (which only posts): not counted above.
+    const probeLatencies = [];
+    for (let n = 0; n < nodes; n++) {
+      const probe = io(gws[n].url, {
+        auth: { token: mintToken(secret, { sub: `probe-${n}`, org: ORG, role: 'admin' }) },
+        transports: ['websocket'],
+        forceNew: true,
+        reconnection: false,
+      });
+      probe.on('sensor:readings:batch', (batch) => {
+        const now = Date.now();
+        for (const r of batch.readings) probeLatencies.push(now - Date.parse(r.recordedAt));
+      });
+      probes.push(probe);
+      await new Promise((resolve, reject) => {
+        probe.once('connect', resolve);
+        probe.once('connect_error', reject);
+      });
+    }
+    await sleep(1000); // let the servers settle before sampling memory
+    const rssConnected = nodeRss();
+    log(`cluster: ${connected}/${o.clusterClients} connected in ${connectMs} ms; RSS ${rssConnected.map((r) => round(r, 1)).join(' + ')} MiB; posting ${o.clusterRate} readings/s for ${o.clusterDuration} s, alternating over ${nodes} node(s)`);
+
+    // One poster, fixed schedule; request k goes to node k % nodes, with that node's deviceId.
+    const interval = (1000 * o.clusterRequestSize) / o.clusterRate;
+    const totalRequests = Math.round((o.clusterDuration * 1000) / interval);
+    const errors = {};
+    const latencies = [];
+    const postedPerNode = gws.map(() => 0);
+    let duplicates = 0;
+    let lateSends = 0;
+    const inflight = new Set();
+    let lastTs = 0;
+    const cpu0 = nodeCpu();
+    const redis0 = redisCpu();
+    const clientCpu0 = process.cpuUsage();
+    const machine0 = machineBusySeconds();
+    const started = performance.now();
+    for (let k = 0; k < totalRequests; k++) {
+      const due = started + k * interval;
+      const wait = due - performance.now();
+      if (wait > 0) await sleep(wait);
+      else if (-wait > interval) lateSends++;
+      const n = k % nodes;
+      const now = Math.max(Date.now(), lastTs + 1); // never reuse a millisecond (see e2e)
+      lastTs = now;
+      const readings = [];
+      for (let j = 0; j < o.clusterRequestSize; j++) {
+        readings.push({
+          unitId: units[(k * o.clusterRequestSize + j) % units.length],
+          temperature: temperature(),
+          recordedAt: isoMs(now),
+          deviceId: deviceOf(n),
+        });
+      }
+      const p = request(gws[n].url, 'POST', '/api/readings/ingest', { token: admin, agent, body: { readings } })
+        .then((res) => {
+          if (res.status === 200) {
+            postedPerNode[n] += res.body.accepted;
+            duplicates += res.body.duplicates;
+            latencies.push(res.ms);
+          } else {
+            const key = `node${n}:${res.status}`;
+            errors[key] = (errors[key] || 0) + 1;
+          }
+        })
+        .catch((e) => {
+          const key = `node${n}:network:${e.code ?? e.message}`;
+          errors[key] = (errors[key] || 0) + 1;
+        })
+        .finally(() => inflight.delete(p));
+      inflight.add(p);
+    }
+    await Promise.all([...inflight]);
+    const scheduleEnd = started + o.clusterDuration * 1000;
+    if (performance.now() < scheduleEnd) await sleep(scheduleEnd - performance.now());
+    const postSeconds = (performance.now() - started) / 1000;
+    const posted = postedPerNode.reduce((a, b) => a + b, 0);
+
+    // Drain, as in e2e.
+    const expected = posted * o.clusterClients;
+    let stats = await collectStats(workers);
+    let lastChange = performance.now();
+    let last = stats.deliveries;
+    const drainStart = performance.now();
+    while (stats.deliveries < expected) {
+      await sleep(250);
+      stats = await collectStats(workers);
+      if (stats.deliveries !== last) {
+        last = stats.deliveries;
+        lastChange = performance.now();
+      }
+      const sinceChange = performance.now() - lastChange;
+      const sinceDrain = performance.now() - drainStart;
+      if ((sinceChange > 3 * flushMs + 2000 && sinceDrain > 2 * flushMs) || sinceDrain > 30_000) break;
+    }
+    const windowSeconds = (performance.now() - started) / 1000;
+    const cpu1 = nodeCpu();
+    const redis1 = redisCpu();
+    const clientCpu = process.cpuUsage(clientCpu0);
+    const machine1 = machineBusySeconds();
+    const rssEnd = nodeRss();
+    const hwm = nodeRss('VmHWM');
+    const redisRss = redis ? statusMiB(redis.pid, 'VmRSS') : null;
+    const alive = gws.map((g) => g.alive());
+
+    const stored = await postgresCount(db.url, 'SELECT count(*) AS count FROM readings').catch((e) => {
+      log(`cluster: could not count stored readings: ${e.message}`);
+      return null;
+    });
+
+    for (const p of probes) p.close();
+    const probeLat = percentiles(probeLatencies, [50, 99]);
+    const total = stats.hist.reduce((a, b) => a + b, 0);
+    const perClientSorted = [...stats.perClient].sort((a, b) => a - b);
+    const incomplete = stats.perClient.filter((x) => x !== posted).length;
+    // perClient is in overall client order (workers hold consecutive slices): node = i % nodes.
+    const incompletePerNode = gws.map(() => 0);
+    const receivedPerNode = gws.map(() => 0);
+    stats.perClient.forEach((x, i) => {
+      receivedPerNode[i % nodes] += x;
+      if (x !== posted) incompletePerNode[i % nodes]++;
+    });
+    const postLat = percentiles(latencies, [50, 99]);
+    const serverCpuPerNode = diff(cpu1, cpu0);
+    const serverCpu = sum(serverCpuPerNode);
+    const redisCpuS = redis ? redis1 - redis0 : null;
+    const bench = (clientCpu.user + clientCpu.system) / 1e6;
+    const machineBusy = machine1 - machine0;
+    const completeness = expected === 0 ? null : round(stats.deliveries / expected, 6);
+    const result = {
+      scenario: 'cluster',
+      nodes,
+      engine: 'postgres',
+      adapter: redis ? 'redis' : 'in-memory',
+      flush_interval_ms: flushMs,
+      clients: o.clusterClients,
+      clients_per_node: clientsPerNode,
+      clients_connected: connected,
+      connect_errors: connectErrors,
+      connect_ms: connectMs,
+      client_worker_threads: workerCount,
+      units: units.length,
+      target_readings_per_s: o.clusterRate,
+      readings_per_request: o.clusterRequestSize,
+      post_duration_s: round(postSeconds, 2),
+      posted_readings: posted,
+      posted_per_node: postedPerNode,
+      stored_readings: stored,
+      post_duplicates: duplicates,
+      post_errors: errors,
+      post_late_sends: lateSends,
+      post_latency_ms: { p50: round(postLat[50], 1), p99: round(postLat[99], 1) },
+      expected_deliveries: expected,
+      received_deliveries: stats.deliveries,
+      received_per_node: receivedPerNode,
+      completeness,
+      exactly_once: completeness === 1 && stats.duplicates === 0 && incomplete === 0,
+      clients_incomplete: incomplete,
+      clients_incomplete_per_node: incompletePerNode,
+      per_client_received: { min: perClientSorted[0], max: perClientSorted[perClientSorted.length - 1] },
+      duplicate_deliveries: stats.duplicates,
+      out_of_order_in_event: stats.outOfOrder,
+      count_mismatch_events: stats.countMismatch,
+      bad_events: stats.badEvents,
+      batch_events: stats.batchEvents,
+      batch_events_per_client_per_s: round(stats.batchEvents / o.clusterClients / postSeconds, 1),
+      deliveries_per_s: Math.round(stats.deliveries / postSeconds),
+      batch_events_per_s: Math.round(stats.batchEvents / postSeconds),
+      latency_ms: {
+        p50: histPercentile(stats.hist, total, 50),
+        p99: histPercentile(stats.hist, total, 99),
+        max: stats.maxLatency,
+        min: stats.minLatency,
+      },
+      ...(nodes > 1
+        ? {
+            latency_local_ms: histSummary(stats.histLocal, stats.maxLocal),
+            latency_cross_node_ms: histSummary(stats.histRemote, stats.maxRemote),
+          }
+        : {}),
+      probe_latency_ms: {
+        p50: probeLat[50],
+        p99: probeLat[99],
+        max: probeLatencies.reduce((a, b) => Math.max(a, b), 0),
+        readings: probeLatencies.length,
+      },
+      disconnected_clients: stats.disconnectedClients,
+      disconnect_reasons: stats.disconnects,
+      client_loop_delay_ms: { p99: round(stats.loopDelayP99Ms, 1), max: round(stats.loopDelayMaxMs, 1) },
+      server_cpu_s: round(serverCpu, 2),
+      server_cpu_s_per_node: serverCpuPerNode.map((x) => round(x, 2)),
+      server_cpu_cores: round(serverCpu / windowSeconds, 2),
+      server_cpu_s_per_million_deliveries: perMillion(serverCpu, stats.deliveries),
+      redis_cpu_s: round(redisCpuS, 2),
+      redis_cpu_s_per_million_deliveries: redis ? perMillion(redisCpuS, stats.deliveries) : null,
+      redis_cpu_connect_s: redis ? round(redisConnect1 - redisConnect0, 2) : null,
+      redis_rss_mb: round(redisRss, 1),
+      server_and_redis_cpu_s_per_million_deliveries: perMillion(serverCpu + (redisCpuS ?? 0), stats.deliveries),
+      server_cpu_connect_s_per_node: diff(cpuConnect1, cpuConnect0).map((x) => round(x, 2)),
+      server_rss_idle_mb: rssIdle.map((x) => round(x, 1)),
+      server_rss_connected_mb: rssConnected.map((x) => round(x, 1)),
+      server_rss_connected_total_mb: round(sum(rssConnected), 1),
+      server_rss_end_mb: rssEnd.map((x) => round(x, 1)),
+      server_rss_peak_mb: hwm.map((x) => round(x, 1)),
+      nodes_alive_at_end: alive,
+      measured_window_s: round(windowSeconds, 2),
+      bench_process_cpu_s: round(bench, 2),
+      ...(machineBusy !== null && Number.isFinite(machineBusy)
+        ? {
+            machine_cpu_busy_cores: round(machineBusy / windowSeconds, 2),
+            // What is left after the gateways, Redis and the harness: PostgreSQL, anything else.
+            other_processes_cpu_cores: round(Math.max(0, machineBusy - serverCpu - (redisCpuS ?? 0) - bench) / windowSeconds, 2),
+          }
+        : {}),
+      server_log: null,
+    };
+    agent.destroy();
+    await Promise.all(workers.map((w) => w.call('close', 'closed').catch(() => null)));
+    await Promise.all(workers.map((w) => w.worker.terminate()));
+    workers = [];
+    await Promise.all(gws.map((g) => g.stop()));
+    result.server_log = gws.map((g) => serverLog(g));
+    return result;
+  } finally {
+    agent.destroy();
+    for (const p of probes) p.close();
+    await Promise.all(workers.map((w) => w.worker.terminate()));
+    await Promise.all(gws.map((g) => g.cleanup()));
+    if (redis) await redis.stop();
+    if (db) await dropPostgresDatabase(o.pgUrl, db.name).catch((e) => log(`could not drop ${db.name}: ${e.message}`));
+  }
+}
+
+/** What the Redis adapter costs: the multi-node line against the one-node line of the same run. */
+function adapterCost(multi, single) {
+  if (!single || single.error || multi.error) return null;
+  const m = multi.server_cpu_s_per_million_deliveries;
+  const s = single.server_cpu_s_per_million_deliveries;
+  const r = multi.redis_cpu_s_per_million_deliveries ?? 0;
+  if (m === null || s === null || !s) return null;
+  return {
+    compared_with: `nodes ${single.nodes}, same load, in-memory adapter`,
+    server_cpu_s_per_million_deliveries: { [`nodes_${multi.nodes}`]: m, [`nodes_${single.nodes}`]: s, ratio: round(m / s, 2) },
+    redis_cpu_s_per_million_deliveries: r,
+    extra_cpu_s_per_million_deliveries_incl_redis: round(m + r - s, 2),
+    cpu_ratio_incl_redis: round((m + r) / s, 2),
+    batch_events_per_client_per_s: { [`nodes_${multi.nodes}`]: multi.batch_events_per_client_per_s, [`nodes_${single.nodes}`]: single.batch_events_per_client_per_s },
+    latency_p50_ms: { [`nodes_${multi.nodes}`]: multi.latency_ms?.p50, [`nodes_${single.nodes}`]: single.latency_ms?.p50 },
+    latency_p99_ms: { [`nodes_${multi.nodes}`]: multi.latency_ms?.p99, [`nodes_${single.nodes}`]: single.latency_ms?.p99 },
+  };
+}
+
+// ---------------------------------------------------------------------------------------------
 
 async function main() {
   const o = options();
@@ -567,6 +924,26 @@ async function main() {
       failed = true;
       log(e.stack ?? e);
       emit({ scenario: 'e2e', error: String(e.message ?? e).slice(0, 2000) });
+    }
+  }
+  if (o.scenarios.includes('cluster')) {
+    // Every run first, then the lines: the multi-node line carries the comparison with the
+    // one-node line (`redis_adapter_cost`).
+    const results = [];
+    for (const nodes of o.clusterNodes) {
+      log(`cluster: ${nodes} node(s)${nodes > 1 ? ' + Redis' : ''}, postgres, ${o.clusterClients} clients, ${o.clusterRate} readings/s, ${o.clusterDuration} s`);
+      try {
+        results.push(await clusterRun(o, nodes));
+      } catch (e) {
+        failed = true;
+        log(e.stack ?? e);
+        results.push({ scenario: 'cluster', nodes, error: String(e.message ?? e).slice(0, 2000) });
+      }
+    }
+    const single = results.find((r) => r.nodes === 1 && !r.error);
+    for (const r of results) {
+      if (r.nodes > 1 && !r.error) r.redis_adapter_cost = adapterCost(r, single);
+      emit(r);
     }
   }
   process.exitCode = failed ? 1 : 0;

@@ -123,12 +123,21 @@ fn join_capped<A: Adapter>(
     Ok(())
 }
 
-pub async fn subscribe_site<A: Adapter>(
+/// What a `subscribe:*` event names.
+#[derive(Clone, Copy)]
+enum Target {
+    Site,
+    Unit,
+}
+
+/// Joins a site or unit room the caller may see, within the per-socket cap.
+async fn subscribe<A: Adapter>(
     s: SocketRef<A>,
-    TryData(data): TryData<Value>,
+    data: Result<Value, impl std::fmt::Debug>,
     turn: Turn,
-    State(ctx): State<Ctx>,
+    ctx: Ctx,
     reply: Reply<A>,
+    target: Target,
 ) {
     turn.wait().await;
     let session = turn.session().clone();
@@ -136,13 +145,32 @@ pub async fn subscribe_site<A: Adapter>(
         if !admit(&s, &session) {
             return Err(Refusal::RateLimited);
         }
-        let site = id_arg(data)?;
+        let id = id_arg(data)?;
         let claims = session.claims();
-        visible_site(&ctx, &claims, &site).await?;
-        join_capped(&s, &session, &ctx, rooms::site(&claims.org_id, &site))
+        let room = match target {
+            Target::Site => {
+                visible_site(&ctx, &claims, &id).await?;
+                rooms::site(&claims.org_id, &id)
+            }
+            Target::Unit => {
+                visible_unit_site(&ctx, &claims, &id).await?;
+                rooms::unit(&claims.org_id, &id)
+            }
+        };
+        join_capped(&s, &session, &ctx, room)
     }
     .await;
     ack_result(reply, result);
+}
+
+pub async fn subscribe_site<A: Adapter>(
+    s: SocketRef<A>,
+    TryData(data): TryData<Value>,
+    turn: Turn,
+    State(ctx): State<Ctx>,
+    reply: Reply<A>,
+) {
+    subscribe(s, data, turn, ctx, reply, Target::Site).await
 }
 
 pub async fn subscribe_unit<A: Adapter>(
@@ -152,19 +180,7 @@ pub async fn subscribe_unit<A: Adapter>(
     State(ctx): State<Ctx>,
     reply: Reply<A>,
 ) {
-    turn.wait().await;
-    let session = turn.session().clone();
-    let result = async {
-        if !admit(&s, &session) {
-            return Err(Refusal::RateLimited);
-        }
-        let unit = id_arg(data)?;
-        let claims = session.claims();
-        visible_unit_site(&ctx, &claims, &unit).await?;
-        join_capped(&s, &session, &ctx, rooms::unit(&claims.org_id, &unit))
-    }
-    .await;
-    ack_result(reply, result);
+    subscribe(s, data, turn, ctx, reply, Target::Unit).await
 }
 
 /// Leaves a site or unit room. Leaving something never joined is fine.
