@@ -18,6 +18,7 @@ use tokio::sync::mpsc;
 
 use fred::interfaces::{EventInterface, PubsubInterface};
 
+use crate::cluster::RedisHealth;
 use crate::store::Store;
 use crate::wire::{Alert, SensorReading};
 
@@ -58,11 +59,11 @@ struct Inner {
     store: Store,
     orgs: RwLock<Registry>,
     next: AtomicU64,
-    redis: Option<fred::clients::Client>,
+    redis: Option<(fred::clients::Client, RedisHealth)>,
 }
 
 impl Bus {
-    pub fn new(store: Store, redis: Option<fred::clients::Client>) -> Bus {
+    pub fn new(store: Store, redis: Option<(fred::clients::Client, RedisHealth)>) -> Bus {
         let mut node = [0u8; 8];
         rand::RngCore::fill_bytes(&mut rand::rng(), &mut node);
         Bus {
@@ -152,7 +153,8 @@ impl Bus {
     }
 
     async fn publish(&self, env: Envelope) {
-        if let Some(redis) = &self.inner.redis {
+        // While Redis is away, skip the relay instead of waiting on it: local delivery goes on.
+        if let Some((redis, _)) = self.inner.redis.as_ref().filter(|(_, h)| h.is_up()) {
             let Ok(text) = serde_json::to_string(&env) else {
                 return;
             };

@@ -54,6 +54,11 @@ fn builder(url: &str) -> Result<Builder, fred::error::Error> {
     builder
         // Never give up: 100 ms doubling up to 5 s between attempts.
         .set_policy(ReconnectPolicy::new_exponential(0, 100, 5_000, 2))
+        // A command waits at most a second, also while reconnecting: nothing on the delivery
+        // path may hang on a Redis that went away before the health watch noticed.
+        .with_performance_config(|p| {
+            p.default_command_timeout = Duration::from_secs(1);
+        })
         .with_connection_config(|c| {
             c.connection_timeout = Duration::from_secs(3);
             c.unresponsive = UnresponsiveConfig {

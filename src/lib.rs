@@ -169,19 +169,23 @@ async fn serve<A: Adapter>(
         vec![to_fanout, to_monitor],
         stopped,
     );
-    let (stop_emitter, emitter_stopped) = tokio::sync::oneshot::channel();
-    let emitter = tokio::spawn(realtime::outbox::run_emitter(
-        io.clone(),
-        outgoing,
-        emitter_stopped,
-    ));
     let (redis, redis_clients) = match cluster {
         Some(c) => (Some(c.health), Some((c.client, c.subscriber))),
         None => (None, None),
     };
+    let (stop_emitter, emitter_stopped) = tokio::sync::oneshot::channel();
+    let emitter = tokio::spawn(realtime::outbox::run_emitter(
+        io.clone(),
+        outgoing,
+        redis.clone(),
+        emitter_stopped,
+    ));
     let bus = bus::Bus::new(
         store.clone(),
-        redis_clients.as_ref().map(|(c, _)| c.clone()),
+        redis_clients
+            .as_ref()
+            .zip(redis.clone())
+            .map(|((c, _), health)| (c.clone(), health)),
     );
     if let Some((_, subscriber)) = redis_clients {
         bus.relay(subscriber);

@@ -8,8 +8,8 @@ use std::borrow::Cow;
 
 use serde::Serialize;
 use serde_json::value::RawValue;
-use socketioxide::SocketIo;
 use socketioxide::adapter::Adapter;
+use socketioxide::{BroadcastError, SocketIo};
 use tokio::sync::mpsc;
 
 pub struct Outgoing {
@@ -74,9 +74,14 @@ impl Outbox {
 /// Broadcasts everything put in the outbox. When `stop` fires (after the pipeline stages have
 /// ended) it refuses new events, sends what is already queued, and ends — it cannot wait for
 /// every sender to go, since request handlers hold one until the server itself is gone.
+///
+/// With several nodes, a broadcast also goes through Redis. While Redis is known to be away the
+/// emitter broadcasts to this node's sockets only, so local delivery never waits on a dead
+/// connection (other nodes cannot be reached then anyway).
 pub async fn run_emitter<A: Adapter>(
     io: SocketIo<A>,
     mut rx: mpsc::Receiver<Outgoing>,
+    redis: Option<crate::cluster::RedisHealth>,
     stop: tokio::sync::oneshot::Receiver<()>,
 ) {
     let mut stop = Some(stop);
@@ -95,12 +100,30 @@ pub async fn run_emitter<A: Adapter>(
         };
         let Some(out) = next else { break };
         crate::observe::emitted(out.label);
-        if let Err(e) = io
-            .to(out.rooms)
-            .emit(out.event.as_ref(), &out.payload)
-            .await
-        {
-            tracing::warn!(event = %out.event, error = %e, "broadcast did not reach every socket");
+        let local_only = redis.as_ref().is_some_and(|h| !h.is_up());
+        let rooms = out.rooms;
+        let mut to = io.to(rooms.clone());
+        if local_only {
+            to = to.local();
+        }
+        match to.emit(out.event.as_ref(), &out.payload).await {
+            Ok(()) => {}
+            // The Redis adapter publishes before it delivers locally, and skips the local part
+            // when publishing fails: deliver locally now, so this node's clients miss nothing.
+            Err(BroadcastError::Adapter(e)) => {
+                tracing::debug!(event = %out.event, error = %e, "cross-node broadcast failed; delivered locally");
+                if let Err(e) = io
+                    .to(rooms)
+                    .local()
+                    .emit(out.event.as_ref(), &out.payload)
+                    .await
+                {
+                    tracing::warn!(event = %out.event, error = %e, "broadcast did not reach every socket");
+                }
+            }
+            Err(e) => {
+                tracing::warn!(event = %out.event, error = %e, "broadcast did not reach every socket");
+            }
         }
     }
     tracing::debug!("emitter stopped");
