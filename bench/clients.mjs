@@ -51,6 +51,7 @@ class Client {
     this.connected = false;
     this.everConnected = false;
     this.received = 0;
+    this.receivedLocal = 0; // only with deviceNode: readings posted to this client's node
     this.seen = new Uint8Array(1024); // by numeric reading id
     this.seenOther = null; // Set fallback for non-numeric ids
     this.disconnects = [];
@@ -137,6 +138,7 @@ class Client {
       if (deviceNode) {
         const from = deviceNode[r.deviceId];
         if (from === this.node) {
+          this.receivedLocal++;
           histLocal[Math.min(lat, HIST_MAX_MS)]++;
           if (lat > maxLocal) maxLocal = lat;
         } else {
@@ -182,6 +184,8 @@ async function connectAll() {
 
 function stats() {
   const perClient = clients.map((c) => c.received);
+  const perClientLocal = deviceNode ? clients.map((c) => c.receivedLocal) : null;
+  const perClientDisconnected = clients.map((c) => c.disconnects.length > 0 || !c.connected);
   const disconnects = {};
   let disconnectedClients = 0;
   for (const c of clients) {
@@ -200,6 +204,8 @@ function stats() {
     maxLatency,
     minLatency: Number.isFinite(minLatency) ? minLatency : null,
     perClient,
+    perClientLocal,
+    perClientDisconnected,
     connectedNow: clients.filter((c) => c.connected).length,
     disconnectedClients,
     disconnects,
@@ -230,7 +236,10 @@ function reset() {
   badEvents = 0;
   maxLatency = 0;
   minLatency = Infinity;
-  for (const c of clients) c.received = 0;
+  for (const c of clients) {
+    c.received = 0;
+    c.receivedLocal = 0;
+  }
   loopDelay.reset();
 }
 

@@ -347,6 +347,8 @@ async function collectStats(workers) {
     maxLatency: 0,
     minLatency: null,
     perClient: [],
+    perClientLocal: [],
+    perClientDisconnected: [],
     connectedNow: 0,
     disconnectedClients: 0,
     disconnects: {},
@@ -369,6 +371,8 @@ async function collectStats(workers) {
     merged.maxLatency = Math.max(merged.maxLatency, s.maxLatency);
     if (s.minLatency !== null) merged.minLatency = merged.minLatency === null ? s.minLatency : Math.min(merged.minLatency, s.minLatency);
     merged.perClient.push(...s.perClient);
+    if (s.perClientLocal) merged.perClientLocal.push(...s.perClientLocal);
+    if (s.perClientDisconnected) merged.perClientDisconnected.push(...s.perClientDisconnected);
     for (const [k, v] of Object.entries(s.disconnects)) merged.disconnects[k] = (merged.disconnects[k] || 0) + v;
     merged.loopDelayP99Ms = Math.max(merged.loopDelayP99Ms, s.loopDelayP99Ms);
     merged.loopDelayMaxMs = Math.max(merged.loopDelayMaxMs, s.loopDelayMaxMs);
@@ -762,9 +766,23 @@ async function clusterRun(o, nodes) {
     // perClient is in overall client order (workers hold consecutive slices): node = i % nodes.
     const incompletePerNode = gws.map(() => 0);
     const receivedPerNode = gws.map(() => 0);
+    // Clients that stayed connected throughout: what they miss was lost by the gateways, not
+    // by a disconnect (slow consumer, ping timeout).
+    const steady = { clients: 0, incomplete: 0, missing_deliveries: 0 };
+    if (nodes > 1) Object.assign(steady, { missing_local: 0, missing_cross_node: 0 });
     stats.perClient.forEach((x, i) => {
-      receivedPerNode[i % nodes] += x;
-      if (x !== posted) incompletePerNode[i % nodes]++;
+      const n = i % nodes;
+      receivedPerNode[n] += x;
+      if (x !== posted) incompletePerNode[n]++;
+      if (stats.perClientDisconnected[i]) return;
+      steady.clients++;
+      if (x !== posted) steady.incomplete++;
+      steady.missing_deliveries += posted - x;
+      if (nodes > 1) {
+        const local = stats.perClientLocal[i];
+        steady.missing_local += postedPerNode[n] - local;
+        steady.missing_cross_node += posted - postedPerNode[n] - (x - local);
+      }
     });
     const postLat = percentiles(latencies, [50, 99]);
     const serverCpuPerNode = diff(cpu1, cpu0);
@@ -832,6 +850,7 @@ async function clusterRun(o, nodes) {
       },
       disconnected_clients: stats.disconnectedClients,
       disconnect_reasons: stats.disconnects,
+      never_disconnected: steady,
       client_loop_delay_ms: { p99: round(stats.loopDelayP99Ms, 1), max: round(stats.loopDelayMaxMs, 1) },
       server_cpu_s: round(serverCpu, 2),
       server_cpu_s_per_node: serverCpuPerNode.map((x) => round(x, 2)),

@@ -21,6 +21,9 @@ use fred::types::{Builder, RespVersion};
 
 pub use socketioxide_redis::FredAdapter;
 
+/// Pub/sub messages fred buffers for a consumer that is momentarily behind.
+const BROADCAST_CAPACITY: usize = 8 * 1024;
+
 /// Pub/sub messages the adapter may hold per namespace before its relay overflows.
 const STREAM_BUFFER: usize = 64 * 1024;
 
@@ -58,6 +61,10 @@ fn builder(url: &str) -> Result<Builder, fred::error::Error> {
         // path may hang on a Redis that went away before the health watch noticed.
         .with_performance_config(|p| {
             p.default_command_timeout = Duration::from_secs(1);
+            // fred hands pub/sub messages to its consumers through a broadcast channel of 32 by
+            // default; a consumer that falls behind by more loses messages (logged as "lagged"
+            // by the adapter). Bursts of cross-node batches need far more room.
+            p.broadcast_channel_capacity = BROADCAST_CAPACITY;
         })
         .with_connection_config(|c| {
             c.connection_timeout = Duration::from_secs(3);
