@@ -2,9 +2,11 @@
 //! watch.
 //!
 //! fred needs deliberate settings to survive a Redis restart (see PITFALLS): an explicit
-//! reconnect policy that never gives up, unresponsive-connection detection, and
-//! `manage_subscriptions` so the subscriber re-subscribes after reconnecting (the adapter's
-//! driver does not do that by itself). The adapter's pub/sub relay hands messages to a bounded
+//! reconnect policy that never gives up, unresponsive-connection detection, and re-subscribing
+//! after a reconnect — done here ([`resubscribe_on_reconnect`]) because the adapter's driver does
+//! not, and fred's own `manage_subscriptions` stops at an empty `SUBSCRIBE` that Redis refuses
+//! before it reaches the sharded channels the adapter uses. Until every subscription is back the
+//! node reports itself unready. The adapter's pub/sub relay hands messages to a bounded
 //! buffer and panics when it overflows; the buffer is sized far above our bursts, and a panic
 //! there marks the node unready (`/readyz`) with an ERROR log instead of degrading silently.
 
@@ -32,16 +34,29 @@ const STREAM_BUFFER: usize = 64 * 1024;
 pub struct RedisHealth {
     up: Arc<AtomicBool>,
     relay_failed: Arc<AtomicBool>,
+    /// Subscriber clients whose subscriptions are not (yet) restored after a reconnect.
+    resubscribing: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 impl RedisHealth {
     pub fn is_up(&self) -> bool {
-        self.up.load(Ordering::Relaxed) && !self.relay_failed.load(Ordering::Relaxed)
+        self.up.load(Ordering::Relaxed)
+            && !self.relay_failed.load(Ordering::Relaxed)
+            && self.resubscribing.load(Ordering::Relaxed) == 0
+    }
+
+    /// A publish just failed: treat Redis as away until the next successful ping, so delivery
+    /// stops waiting on it at once.
+    pub fn mark_down(&self) {
+        self.up.store(false, Ordering::Relaxed);
     }
 
     pub fn describe(&self) -> &'static str {
         if self.relay_failed.load(Ordering::Relaxed) {
             "pub/sub relay failed; restart the node"
+        } else if self.up.load(Ordering::Relaxed) && self.resubscribing.load(Ordering::Relaxed) > 0
+        {
+            "reconnected; restoring subscriptions"
         } else if self.up.load(Ordering::Relaxed) {
             "ok"
         } else {
@@ -90,9 +105,9 @@ pub type Adapter = RedisAdapterCtr<socketioxide_redis::drivers::fred::FredDriver
 
 /// Connects the adapter's subscriber client and the node's other Redis clients.
 pub async fn connect(url: &str) -> anyhow::Result<(Adapter, Cluster)> {
+    let health = RedisHealth::default();
     let subscriber = builder(url)?.build_subscriber_client()?;
-    // Re-subscribe every channel after a reconnect.
-    subscriber.manage_subscriptions();
+    resubscribe_on_reconnect(subscriber.clone(), health.clone());
     let adapter = RedisAdapterCtr::new_with_fred_config(
         subscriber,
         RedisAdapterConfig::new().with_stream_buffer(STREAM_BUFFER),
@@ -102,8 +117,7 @@ pub async fn connect(url: &str) -> anyhow::Result<(Adapter, Cluster)> {
     client.init().await?;
     let subscriber = builder(url)?.build_subscriber_client()?;
     subscriber.init().await?;
-    subscriber.manage_subscriptions();
-    let health = RedisHealth::default();
+    resubscribe_on_reconnect(subscriber.clone(), health.clone());
     health.up.store(true, Ordering::Relaxed);
     watch_relay_panics(health.clone());
     tokio::spawn(watch(client.clone(), health.clone()));
@@ -113,6 +127,59 @@ pub async fn connect(url: &str) -> anyhow::Result<(Adapter, Cluster)> {
         subscriber,
     };
     Ok((adapter, cluster))
+}
+
+/// After every reconnect, subscribes again to each tracked channel, pattern and shard channel —
+/// skipping empty kinds — retrying until it succeeds; the node is unready meanwhile.
+fn resubscribe_on_reconnect(client: fred::clients::SubscriberClient, health: RedisHealth) {
+    use fred::interfaces::{EventInterface, PubsubInterface};
+    let mut reconnects = client.reconnect_rx();
+    tokio::spawn(async move {
+        // Subscribing again to what is already subscribed is harmless, so every (re)connect
+        // notification is handled alike, the first included.
+        while reconnects.recv().await.is_ok() {
+            health.resubscribing.fetch_add(1, Ordering::Relaxed);
+            loop {
+                let channels: Vec<String> = client
+                    .tracked_channels()
+                    .into_iter()
+                    .map(|c| c.to_string())
+                    .collect();
+                let patterns: Vec<String> = client
+                    .tracked_patterns()
+                    .into_iter()
+                    .map(|c| c.to_string())
+                    .collect();
+                let shards: Vec<String> = client
+                    .tracked_shard_channels()
+                    .into_iter()
+                    .map(|c| c.to_string())
+                    .collect();
+                let result = async {
+                    if !channels.is_empty() {
+                        client.subscribe(channels).await?;
+                    }
+                    if !patterns.is_empty() {
+                        client.psubscribe(patterns).await?;
+                    }
+                    for shard in shards {
+                        client.ssubscribe(shard).await?;
+                    }
+                    Ok::<_, fred::error::Error>(())
+                }
+                .await;
+                match result {
+                    Ok(()) => break,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "re-subscribing after a Redis reconnect failed; retrying");
+                        tokio::time::sleep(Duration::from_millis(500)).await;
+                    }
+                }
+            }
+            health.resubscribing.fetch_sub(1, Ordering::Relaxed);
+            tracing::info!("redis subscriptions restored");
+        }
+    });
 }
 
 /// Pings Redis every second and logs each change of state once (not once per message).

@@ -111,6 +111,9 @@ pub async fn run_emitter<A: Adapter>(
             // The Redis adapter publishes before it delivers locally, and skips the local part
             // when publishing fails: deliver locally now, so this node's clients miss nothing.
             Err(BroadcastError::Adapter(e)) => {
+                if let Some(h) = &redis {
+                    h.mark_down();
+                }
                 tracing::debug!(event = %out.event, error = %e, "cross-node broadcast failed; delivered locally");
                 if let Err(e) = io
                     .to(rooms)

@@ -144,6 +144,7 @@ export function redisPing(port, ms = 1000) {
  */
 export async function startRedis(port) {
   port ??= await freePort();
+  usedPorts.add(port);
   let child;
   let exited;
   let log = '';
@@ -242,6 +243,7 @@ export async function createDatabase() {
  */
 export async function tcpProxy(targetHost, targetPort, port) {
   port ??= await freePort();
+  usedPorts.add(port);
   const conns = new Set();
   let server;
   const listen = () => new Promise((resolve, reject) => {
@@ -276,7 +278,7 @@ export async function tcpProxy(targetHost, targetPort, port) {
       broken = true;
       const closed = new Promise((resolve) => server.close(() => resolve()));
       for (const { client, upstream } of conns) {
-        client.resetAndDestroy?.() ?? client.destroy();
+        client.destroy();
         upstream.destroy();
       }
       conns.clear();
@@ -306,12 +308,36 @@ const SCRUBBED_ENV = [
   'HANDSHAKE_TIMEOUT_SECS', 'ALLOW_TOKEN_IN_QUERY', 'WEB_DIR',
 ];
 
+// Ports given to nodes so far. A node never gets a port an earlier node of this process had:
+// `fetch` keeps connections alive per origin, and a request to a new node on a reused port would
+// go down a dead kept-alive connection (ECONNRESET).
+const usedPorts = new Set();
+
+async function unusedPort() {
+  for (;;) {
+    const port = await freePort();
+    if (!usedPorts.has(port)) {
+      usedPorts.add(port);
+      return port;
+    }
+  }
+}
+
 /**
- * Starts one node: `sensorwire serve` on 127.0.0.1 with an ephemeral port. Resolves a handle
- * `{ name, url, secret, child, exited, sockets, alive(), stop(), stderr() }` usable with
- * harness.js `api`/`connect`.
+ * Starts one node: `sensorwire serve` on 127.0.0.1 with a port no earlier node of this process
+ * used (retried once if the port was taken meanwhile). Resolves a handle `{ name, url, secret,
+ * child, exited, sockets, alive(), stop(), stderr() }` usable with harness.js `api`/`connect`.
  */
-export async function startNode({ name, databaseUrl, redisUrl, secret, env = {} }) {
+export async function startNode(opts) {
+  try {
+    return await startNodeOnce(opts);
+  } catch (err) {
+    if (!/address already in use|AddrInUse|EADDRINUSE/i.test(err.message)) throw err;
+    return startNodeOnce(opts);
+  }
+}
+
+async function startNodeOnce({ name, databaseUrl, redisUrl, secret, env = {} }) {
   if (!existsSync(GATEWAY_BIN)) {
     throw new Error(`gateway binary not found at ${GATEWAY_BIN} (run \`cargo build\` or set SENSORWIRE_BIN)`);
   }
@@ -320,7 +346,7 @@ export async function startNode({ name, databaseUrl, redisUrl, secret, env = {} 
   for (const key of SCRUBBED_ENV) delete childEnv[key];
   Object.assign(childEnv, {
     HOST: '127.0.0.1',
-    PORT: '0',
+    PORT: String(await unusedPort()),
     JWT_SECRET: secret,
     DATABASE_URL: databaseUrl,
     REDIS_URL: redisUrl,
