@@ -325,4 +325,83 @@ mod tests {
         let t = jsonwebtoken::encode(&Header::default(), &bad_role, &key).unwrap();
         assert_eq!(v.verify(&t), Err(AuthError::Invalid));
     }
+
+    /// RS256 and ES256 with a PEM public key, and ES256 through a JWKS chosen by `kid`, with
+    /// `iss`/`aud` enforced when configured. Keys are test-only fixtures in `tests/fixtures`.
+    #[test]
+    fn public_keys_jwks_issuer_and_audience() {
+        let fixture = |f: &str| {
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("tests/fixtures")
+                .join(f)
+        };
+        let pem = |f: &str| std::fs::read(fixture(f)).unwrap();
+        let args = |public: Option<&str>, jwks: Option<&str>| JwtArgs {
+            jwt_secret: None,
+            jwt_public_key_file: public.map(fixture),
+            jwks_file: jwks.map(fixture),
+            jwt_issuer: Some("https://id.example".into()),
+            jwt_audience: Some("sensorwire".into()),
+        };
+        let claims = |iss: &str, aud: &str| serde_json::json!({ "sub": "a", "org_id": "o", "exp": now_secs() + 60, "iss": iss, "aud": aud });
+        let sign = |alg: Algorithm, key: EncodingKey, kid: Option<&str>, c: serde_json::Value| {
+            let mut h = Header::new(alg);
+            h.kid = kid.map(str::to_string);
+            jsonwebtoken::encode(&h, &c, &key).unwrap()
+        };
+        let rsa = EncodingKey::from_rsa_pem(&pem("rs256-private.pem")).unwrap();
+        let ec = || EncodingKey::from_ec_pem(&pem("es256-private.pem")).unwrap();
+        let good = claims("https://id.example", "sensorwire");
+
+        let rs = JwtVerifier::from_args(&args(Some("rs256-public.pem"), None), None).unwrap();
+        assert!(
+            rs.verify(&sign(Algorithm::RS256, rsa.clone(), None, good.clone()))
+                .is_ok()
+        );
+        let wrong_aud = claims("https://id.example", "other");
+        assert_eq!(
+            rs.verify(&sign(Algorithm::RS256, rsa.clone(), None, wrong_aud)),
+            Err(AuthError::Invalid)
+        );
+        let wrong_iss = claims("https://evil.example", "sensorwire");
+        assert_eq!(
+            rs.verify(&sign(Algorithm::RS256, rsa, None, wrong_iss)),
+            Err(AuthError::Invalid)
+        );
+        // An HS256 token signed with the public key as a secret is refused (algorithm confusion).
+        let confused = EncodingKey::from_secret(&pem("rs256-public.pem"));
+        assert_eq!(
+            rs.verify(&sign(Algorithm::HS256, confused, None, good.clone())),
+            Err(AuthError::Invalid)
+        );
+
+        let es = JwtVerifier::from_args(&args(Some("es256-public.pem"), None), None).unwrap();
+        assert!(
+            es.verify(&sign(Algorithm::ES256, ec(), None, good.clone()))
+                .is_ok()
+        );
+
+        let jwks = JwtVerifier::from_args(&args(None, Some("jwks.json")), None).unwrap();
+        assert!(
+            jwks.verify(&sign(Algorithm::ES256, ec(), Some("test-es"), good.clone()))
+                .is_ok()
+        );
+        assert_eq!(
+            jwks.verify(&sign(Algorithm::ES256, ec(), Some("unknown"), good)),
+            Err(AuthError::Invalid)
+        );
+        assert!(
+            jwks.mint(&UserClaims {
+                sub: "a".into(),
+                org_id: "o".into(),
+                role: Role::Viewer,
+                site_ids: None,
+                exp: 0
+            })
+            .is_none()
+        );
+
+        let missing = JwtVerifier::from_args(&args(Some("nope.pem"), None), None);
+        assert!(missing.is_err_and(|e| e.setting == "JWT_PUBLIC_KEY_FILE"));
+    }
 }
