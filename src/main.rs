@@ -92,7 +92,9 @@ fn main() -> ExitCode {
         Command::Serve(a) | Command::Demo(a) => a.log_format,
         _ => LogFormat::Text,
     };
-    init_tracing(log_format);
+    // The demo's simulator posts every second; its request lines would bury everything else.
+    let quiet_requests = matches!(command, Command::Demo(_));
+    init_tracing(log_format, quiet_requests);
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => return fail(format!("cannot start the runtime: {e}")),
@@ -108,9 +110,13 @@ fn fail(message: String) -> ExitCode {
     ExitCode::from(2)
 }
 
-fn init_tracing(format: LogFormat) {
-    let filter = EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| EnvFilter::new("info,sqlx=warn,socketioxide=warn,engineioxide=warn"));
+fn init_tracing(format: LogFormat, quiet_requests: bool) {
+    let default = if quiet_requests {
+        "info,sqlx=warn,socketioxide=warn,engineioxide=warn,tower_http=warn"
+    } else {
+        "info,sqlx=warn,socketioxide=warn,engineioxide=warn"
+    };
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
