@@ -131,6 +131,12 @@ impl Bus {
         }
     }
 
+    /// Whether readings of `org` can reach any plain WebSocket client: one connected here, or
+    /// (with Redis) possibly on another node.
+    pub fn wanted(&self, org: &str) -> bool {
+        self.inner.redis.is_some() || self.has_connections(org)
+    }
+
     fn has_connections(&self, org: &str) -> bool {
         self.inner.orgs.read().unwrap().contains_key(org)
     }

@@ -48,8 +48,11 @@ pub async fn run(
                         .readings
                         .push(s.clone());
                 }
-                let plain = c.readings.iter().map(|s| (s.site_id.clone(), s.reading.clone())).collect();
-                bus.readings(&c.org_id, plain).await;
+                // Plain WebSocket delivery copies every reading: only when someone may want it.
+                if bus.wanted(&c.org_id) {
+                    let plain = c.readings.iter().map(|s| (s.site_id.clone(), s.reading.clone())).collect();
+                    bus.readings(&c.org_id, plain).await;
+                }
             }
             _ = tick.tick() => flush(&mut buffers, &outbox, max_per_event, &buffered).await,
         }
