@@ -151,7 +151,12 @@ export type ReadingsBatch = { unitId: string, readings: Array<SensorReading>,
 /**
  * `readings.length`.
  */
-count: number, };
+count: number, 
+/**
+ * Position in the organisation's event log (see "Missed events after a reconnect"); set
+ * when the event is sent, so the pipeline leaves it empty.
+ */
+offset?: string, };
 
 /**
  * `alert:triggered`.
@@ -164,17 +169,61 @@ value: number | null,
 /**
  * The limit it crossed (`null` for `offline`).
  */
-threshold: number | null, };
+threshold: number | null, 
+/**
+ * Position in the organisation's event log (see "Missed events after a reconnect"); set
+ * when the event is sent, so the pipeline leaves it empty.
+ */
+offset?: string, };
 
 /**
  * `alert:resolved`.
  */
-export type AlertResolved = { alertId: string, unitId: string, resolvedAt: string, };
+export type AlertResolved = { alertId: string, unitId: string, resolvedAt: string, 
+/**
+ * Position in the organisation's event log (see "Missed events after a reconnect"); set
+ * when the event is sent, so the pipeline leaves it empty.
+ */
+offset?: string, };
 
 /**
  * `unit:status`, sent on change only.
  */
-export type UnitStatusChanged = { unitId: string, status: UnitStatus, since: string, };
+export type UnitStatusChanged = { unitId: string, status: UnitStatus, since: string, 
+/**
+ * Position in the organisation's event log (see "Missed events after a reconnect"); set
+ * when the event is sent, so the pipeline leaves it empty.
+ */
+offset?: string, };
+
+/**
+ * `sync:complete`: the replay after a reconnect with `auth.offset` is done. `recovered: false`
+ * means the offset was unknown or older than the retention window: refetch through REST.
+ */
+export type SyncComplete = { recovered: boolean, 
+/**
+ * The newest offset the socket has now seen (when recovered).
+ */
+offset?: string, };
+
+/**
+ * The `sync` event's argument.
+ */
+export type SyncRequest = { offset: string, };
+
+/**
+ * One missed event in a `sync` answer.
+ */
+export type MissedEvent = { event: string, data: unknown, };
+
+/**
+ * The `sync` ack: the events after the offset that the socket may see, in order.
+ */
+export type SyncAck = { recovered: boolean, events: Array<MissedEvent>, 
+/**
+ * The newest offset now covered (absent when not recovered and nothing was logged yet).
+ */
+offset?: string, };
 
 /**
  * One reading of `POST /api/readings/ingest`.
@@ -280,6 +329,8 @@ export interface ServerToClientEvents {
   "auth:expired": (payload: AuthExpired) => void;
   /** A failed request that carried no ack callback. */
   "error": (payload: ErrorEvent) => void;
+  /** After a connect with `auth.offset`: the missed events were replayed (or could not be). */
+  "sync:complete": (payload: SyncComplete) => void;
 }
 
 /** Events a dashboard sends; every ack callback is optional unless noted. */
@@ -292,9 +343,13 @@ export interface ClientToServerEvents {
   "get:latest": (unitId: string, ack: (reading: SensorReading | null) => void) => void;
   /** Swap in a fresh token for the same `sub`/`org_id` without reconnecting. */
   "auth:refresh": (token: string, ack: (res: RefreshAck) => void) => void;
+  /** The organisation and user events after `offset` that this socket may see. */
+  "sync": (req: SyncRequest, ack: (res: SyncAck) => void) => void;
 }
 
 /** What `io(url, { auth })` sends in the handshake. */
 export interface HandshakeAuth {
   token: string;
+  /** The last `offset` seen: the events missed since are replayed, then `sync:complete`. */
+  offset?: string;
 }

@@ -98,6 +98,8 @@ pub struct Cluster {
     pub client: fred::clients::Client,
     /// Subscriptions of the plain WebSocket relay.
     pub subscriber: fred::clients::SubscriberClient,
+    /// The emitter's blocking reads of the cluster event stream (a connection of its own).
+    pub tail: fred::clients::Client,
 }
 
 /// The Socket.io adapter over Redis.
@@ -118,6 +120,11 @@ pub async fn connect(url: &str) -> anyhow::Result<(Adapter, Cluster)> {
     let subscriber = builder(url)?.build_subscriber_client()?;
     subscriber.init().await?;
     resubscribe_on_reconnect(subscriber.clone(), health.clone());
+    let mut tail = builder(url)?;
+    // Its reads block for up to a second by design.
+    tail.with_performance_config(|p| p.default_command_timeout = Duration::from_secs(5));
+    let tail = tail.build()?;
+    tail.init().await?;
     health.up.store(true, Ordering::Relaxed);
     watch_relay_panics(health.clone());
     tokio::spawn(watch(client.clone(), health.clone()));
@@ -125,6 +132,7 @@ pub async fn connect(url: &str) -> anyhow::Result<(Adapter, Cluster)> {
         health,
         client,
         subscriber,
+        tail,
     };
     Ok((adapter, cluster))
 }

@@ -142,6 +142,18 @@ pub struct Limits {
     /// Seconds a client has to complete the Socket.io handshake.
     #[arg(long, env = "HANDSHAKE_TIMEOUT_SECS", default_value_t = 10)]
     pub handshake_timeout_secs: u64,
+    /// Milliseconds between the server's engine.io pings.
+    #[arg(long, env = "SOCKET_PING_INTERVAL_MS", default_value_t = 25_000)]
+    pub socket_ping_interval_ms: u64,
+    /// Milliseconds a client has to answer a ping before it is considered gone.
+    #[arg(long, env = "SOCKET_PING_TIMEOUT_MS", default_value_t = 20_000)]
+    pub socket_ping_timeout_ms: u64,
+    /// Seconds organisation events stay available for replay after a reconnect.
+    #[arg(long, env = "RECOVERY_WINDOW_SECS", default_value_t = 120)]
+    pub recovery_window_secs: u64,
+    /// Organisation events kept for replay, per organisation.
+    #[arg(long, env = "RECOVERY_MAX_EVENTS", default_value_t = 10_000)]
+    pub recovery_max_events: usize,
 }
 
 /// A setting that cannot work, with what to do about it.
@@ -240,6 +252,10 @@ impl Config {
             ("SOCKET_EVENTS_BURST", l.socket_events_burst as u64),
             ("SOCKET_ABUSE_LIMIT", l.socket_abuse_limit as u64),
             ("HANDSHAKE_TIMEOUT_SECS", l.handshake_timeout_secs),
+            ("SOCKET_PING_INTERVAL_MS", l.socket_ping_interval_ms),
+            ("SOCKET_PING_TIMEOUT_MS", l.socket_ping_timeout_ms),
+            ("RECOVERY_WINDOW_SECS", l.recovery_window_secs),
+            ("RECOVERY_MAX_EVENTS", l.recovery_max_events as u64),
             ("BATCH_MAX_READINGS", l.batch_max_readings as u64),
             ("MAX_BUFFERED_READINGS", l.max_buffered_readings as u64),
             ("INGEST_QUEUE", l.ingest_queue as u64),

@@ -92,11 +92,13 @@ pub async fn run(
         .with_context(|| format!("DATABASE_URL: cannot open {}", redact(&config.database_url)))?;
     tracing::info!(engine = store.engine_name(), "storage ready");
 
+    let (commands, commands_rx) = mpsc::channel(1024);
     let ctx = realtime::Ctx {
         store: store.clone(),
         jwt: jwt.clone(),
         limits: Arc::new(config.limits.clone()),
         allow_token_in_query: config.allow_token_in_query,
+        commands: commands.clone(),
     };
     let builder = realtime::builder(&config, ctx);
     let parts = Parts {
@@ -104,6 +106,7 @@ pub async fn run(
         jwt,
         store,
         metrics,
+        commands: (commands, commands_rx),
     };
     match parts.config.redis_url.clone() {
         None => {
@@ -138,6 +141,11 @@ struct Parts {
     jwt: Arc<JwtVerifier>,
     store: Store,
     metrics: metrics_exporter_prometheus::PrometheusHandle,
+    /// The emitter's command channel (the sockets hold senders through `Ctx`).
+    commands: (
+        mpsc::Sender<realtime::emitter::Command>,
+        mpsc::Receiver<realtime::emitter::Command>,
+    ),
 }
 
 /// Everything after the adapter is chosen: one code path for one node and for a cluster.
@@ -147,6 +155,7 @@ async fn serve<A: Adapter>(
         jwt,
         store,
         metrics: parts_metrics,
+        commands,
     }: Parts,
     io: SocketIo<A>,
     socket_layer: SocketIoLayer<A>,
@@ -169,15 +178,32 @@ async fn serve<A: Adapter>(
         vec![to_fanout, to_monitor],
         stopped,
     );
-    let (redis, redis_clients) = match cluster {
-        Some(c) => (Some(c.health), Some((c.client, c.subscriber))),
-        None => (None, None),
+    let retention = realtime::emitter::Retention {
+        window: Duration::from_secs(l.recovery_window_secs),
+        max_events: l.recovery_max_events,
+    };
+    let (redis, redis_clients, cluster_log) = match cluster {
+        Some(c) => {
+            let log = realtime::emitter::ClusterLog {
+                health: c.health.clone(),
+                log: realtime::stream::RedisLog::new(
+                    c.client.clone(),
+                    retention.window.as_millis() as u64,
+                    retention.max_events,
+                ),
+                tail: c.tail,
+            };
+            (Some(c.health), Some((c.client, c.subscriber)), Some(log))
+        }
+        None => (None, None, None),
     };
     let (stop_emitter, emitter_stopped) = tokio::sync::oneshot::channel();
-    let emitter = tokio::spawn(realtime::outbox::run_emitter(
+    let emitter = tokio::spawn(realtime::emitter::run(
         io.clone(),
         outgoing,
-        redis.clone(),
+        commands,
+        cluster_log,
+        retention,
         emitter_stopped,
     ));
     let bus = bus::Bus::new(

@@ -225,8 +225,11 @@ impl Monitor {
                             triggered_at: format_time(at),
                             value,
                             threshold,
+                            offset: None,
                         };
-                        self.outbox.send(rooms(), "alert:triggered", &event).await;
+                        self.outbox
+                            .send_to_org(org, rooms(), "alert:triggered", &event)
+                            .await;
                         self.bus.alerts_changed(org).await;
                     }
                 }
@@ -242,8 +245,11 @@ impl Monitor {
                             alert_id,
                             unit_id: unit.to_string(),
                             resolved_at: format_time(at),
+                            offset: None,
                         };
-                        self.outbox.send(rooms(), "alert:resolved", &event).await;
+                        self.outbox
+                            .send_to_org(org, rooms(), "alert:resolved", &event)
+                            .await;
                         self.bus.alerts_changed(org).await;
                     }
                 }
@@ -259,8 +265,11 @@ impl Monitor {
                 unit_id: unit.to_string(),
                 status: next.status,
                 since: format_time(at),
+                offset: None,
             };
-            self.outbox.send(rooms(), "unit:status", &event).await;
+            self.outbox
+                .send_to_org(org, rooms(), "unit:status", &event)
+                .await;
         }
         Ok(())
     }

@@ -88,6 +88,18 @@ fn describe() {
         "sensorwire_redis_outages_total",
         "Times Redis became unreachable"
     );
+    describe_counter!(
+        "sensorwire_replays_total",
+        "Reconnects with an offset, by outcome (recovered, lost)"
+    );
+    describe_counter!(
+        "sensorwire_replayed_events_total",
+        "Missed events sent again to reconnecting sockets"
+    );
+    describe_gauge!(
+        "sensorwire_replay_log_events",
+        "Organisation events kept in memory for replays (one node)"
+    );
     describe_gauge!(
         "sensorwire_plain_ws_connected",
         "Connected plain WebSocket clients"
@@ -105,6 +117,29 @@ pub fn socket_disconnected(transport: &'static str) {
 
 pub fn socket_refused(reason: &'static str) {
     counter!("sensorwire_socket_connect_errors_total", "reason" => reason).increment(1);
+}
+
+/// The metric label of an event name: the gateway's own names, `published` for the rest.
+pub fn event_label(event: &str) -> &'static str {
+    match event {
+        "sensor:readings:batch" => "sensor:readings:batch",
+        "sensor:reading" => "sensor:reading",
+        "alert:triggered" => "alert:triggered",
+        "alert:resolved" => "alert:resolved",
+        "unit:status" => "unit:status",
+        _ => "published",
+    }
+}
+
+/// A replay after a reconnect: recovered (with how many events) or lost.
+pub fn replay(recovered: bool, events: usize) {
+    let outcome = if recovered { "recovered" } else { "lost" };
+    counter!("sensorwire_replays_total", "outcome" => outcome).increment(1);
+    counter!("sensorwire_replayed_events_total").increment(events as u64);
+}
+
+pub fn replay_log(events: usize) {
+    gauge!("sensorwire_replay_log_events").set(events as f64);
 }
 
 /// `event` must be one of the gateway's own names or `"published"`.

@@ -35,6 +35,8 @@ export interface ServerToClientEvents {
   "auth:expired": (payload: AuthExpired) => void;
   /** A failed request that carried no ack callback. */
   "error": (payload: ErrorEvent) => void;
+  /** After a connect with `auth.offset`: the missed events were replayed (or could not be). */
+  "sync:complete": (payload: SyncComplete) => void;
 }
 
 /** Events a dashboard sends; every ack callback is optional unless noted. */
@@ -47,11 +49,15 @@ export interface ClientToServerEvents {
   "get:latest": (unitId: string, ack: (reading: SensorReading | null) => void) => void;
   /** Swap in a fresh token for the same `sub`/`org_id` without reconnecting. */
   "auth:refresh": (token: string, ack: (res: RefreshAck) => void) => void;
+  /** The organisation and user events after `offset` that this socket may see. */
+  "sync": (req: SyncRequest, ack: (res: SyncAck) => void) => void;
 }
 
 /** What `io(url, { auth })` sends in the handshake. */
 export interface HandshakeAuth {
   token: string;
+  /** The last `offset` seen: the events missed since are replayed, then `sync:complete`. */
+  offset?: string;
 }
 "#;
 
@@ -88,6 +94,10 @@ pub fn typescript() -> String {
         ts_decl::<AlertTriggered>(),
         ts_decl::<AlertResolved>(),
         ts_decl::<UnitStatusChanged>(),
+        ts_decl::<SyncComplete>(),
+        ts_decl::<SyncRequest>(),
+        ts_decl::<MissedEvent>(),
+        ts_decl::<SyncAck>(),
         ts_decl::<IngestReading>(),
         ts_decl::<IngestRequest>(),
         ts_decl::<IngestResponse>(),

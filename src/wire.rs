@@ -349,6 +349,11 @@ pub struct ReadingsBatch {
     pub readings: Vec<SensorReading>,
     /// `readings.length`.
     pub count: usize,
+    /// Position in the organisation's event log (see "Missed events after a reconnect"); set
+    /// when the event is sent, so the pipeline leaves it empty.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[ts(optional)]
+    pub offset: Option<String>,
 }
 
 /// `alert:triggered`.
@@ -369,6 +374,11 @@ pub struct AlertTriggered {
     /// The limit it crossed (`null` for `offline`).
     #[schema(required = true)]
     pub threshold: Option<f64>,
+    /// Position in the organisation's event log (see "Missed events after a reconnect"); set
+    /// when the event is sent, so the pipeline leaves it empty.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[ts(optional)]
+    pub offset: Option<String>,
 }
 
 /// `alert:resolved`.
@@ -379,6 +389,11 @@ pub struct AlertResolved {
     pub unit_id: String,
     #[schema(format = DateTime)]
     pub resolved_at: String,
+    /// Position in the organisation's event log (see "Missed events after a reconnect"); set
+    /// when the event is sent, so the pipeline leaves it empty.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[ts(optional)]
+    pub offset: Option<String>,
 }
 
 /// `unit:status`, sent on change only.
@@ -389,6 +404,49 @@ pub struct UnitStatusChanged {
     pub status: UnitStatus,
     #[schema(format = DateTime)]
     pub since: String,
+    /// Position in the organisation's event log (see "Missed events after a reconnect"); set
+    /// when the event is sent, so the pipeline leaves it empty.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[ts(optional)]
+    pub offset: Option<String>,
+}
+
+// ---- Missed events after a reconnect -------------------------------------------------------
+
+/// `sync:complete`: the replay after a reconnect with `auth.offset` is done. `recovered: false`
+/// means the offset was unknown or older than the retention window: refetch through REST.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, TS, ToSchema)]
+pub struct SyncComplete {
+    pub recovered: bool,
+    /// The newest offset the socket has now seen (when recovered).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[ts(optional)]
+    pub offset: Option<String>,
+}
+
+/// The `sync` event's argument.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, TS, ToSchema)]
+pub struct SyncRequest {
+    pub offset: String,
+}
+
+/// One missed event in a `sync` answer.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, TS, ToSchema)]
+pub struct MissedEvent {
+    pub event: String,
+    #[ts(type = "unknown")]
+    pub data: serde_json::Value,
+}
+
+/// The `sync` ack: the events after the offset that the socket may see, in order.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, TS, ToSchema)]
+pub struct SyncAck {
+    pub recovered: bool,
+    pub events: Vec<MissedEvent>,
+    /// The newest offset now covered (absent when not recovered and nothing was logged yet).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[ts(optional)]
+    pub offset: Option<String>,
 }
 
 /// One reading of `POST /api/readings/ingest`.

@@ -154,7 +154,7 @@ pub async fn publish(
     };
     // Through the outbox, after anything the pipeline queued before it.
     app.outbox
-        .send_dynamic(vec![room], req.event, &req.data)
+        .send_dynamic(org, vec![room], req.event, &req.data)
         .await;
     Ok((
         StatusCode::ACCEPTED,

@@ -28,6 +28,7 @@ use crate::wire;
         wire::ApiKeyCreated, wire::KeyScope,
         wire::IngestRequest, wire::IngestReading, wire::IngestResponse,
         wire::ReadingsBatch, wire::AlertTriggered, wire::AlertResolved, wire::UnitStatusChanged,
+        wire::SyncComplete, wire::SyncRequest, wire::MissedEvent, wire::SyncAck,
         wire::PublishRequest, wire::PublishResponse,
         wire::WsChannel, wire::WsClientMessage, wire::WsServerMessage, wire::TelemetryData,
         wire::TelemetryMetrics,

@@ -75,9 +75,12 @@ async fn flush(
                 unit_id: unit.clone(),
                 readings: chunk.iter().map(|s| s.reading.clone()).collect(),
                 count: chunk.len(),
+                offset: None,
             };
             let rooms = rooms::unit_event_rooms(&org, &buf.site_id).to_vec();
-            outbox.send(rooms, "sensor:readings:batch", &batch).await;
+            outbox
+                .send_to_org(&org, rooms, "sensor:readings:batch", &batch)
+                .await;
         }
         if let Some(oldest) = buf.readings.iter().map(|s| s.committed_at).min() {
             crate::observe::flushed(oldest.elapsed());

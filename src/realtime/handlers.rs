@@ -1,4 +1,4 @@
-//! Client → server events: subscriptions, `get:latest`, `auth:refresh`.
+//! Client → server events: subscriptions, `get:latest`, `auth:refresh`, `sync`.
 //!
 //! Every handler is generic over the adapter, so one code path serves a single node and a
 //! cluster. Each event first passes the socket's rate limiter. Arguments are taken as raw JSON and
@@ -10,13 +10,14 @@ use serde_json::Value;
 use socketioxide::adapter::Adapter;
 use socketioxide::extract::{SocketRef, State, TryData};
 
+use super::emitter::Command;
 use super::limiter::Verdict;
 use super::reply::Reply;
 use super::session::{Session, Turn};
 use super::{Ctx, rooms};
 use crate::auth::{UserClaims, valid_id};
 use crate::store::StoreError;
-use crate::wire::{RefreshAck, SensorReading, SubscribeAck};
+use crate::wire::{RefreshAck, SensorReading, SubscribeAck, SyncAck};
 
 /// Why a subscription or lookup was refused; the ack's `error`.
 use crate::wire::SubscribeError as Refusal;
@@ -315,4 +316,45 @@ pub async fn unknown_event<A: Adapter>(s: SocketRef<A>, turn: Turn) {
     turn.wait().await;
     let session = turn.session().clone();
     admit(&s, &session);
+}
+
+/// `sync`: the organisation and user events after `{ offset }` that this socket may see, as an
+/// ack — the replay of a reconnect, on demand.
+pub async fn sync<A: Adapter>(
+    s: SocketRef<A>,
+    TryData(data): TryData<Value>,
+    turn: Turn,
+    State(ctx): State<Ctx>,
+    reply: Reply<A>,
+) {
+    turn.wait().await;
+    let session = turn.session().clone();
+    let lost = SyncAck {
+        recovered: false,
+        events: Vec::new(),
+        offset: None,
+    };
+    if !admit(&s, &session) {
+        let code = Refusal::RateLimited.code();
+        return reply.send(&lost, Some((code, Refusal::RateLimited.message())));
+    }
+    let after = data
+        .ok()
+        .as_ref()
+        .and_then(|v| v.get("offset"))
+        .and_then(Value::as_str)
+        .and_then(|o| o.parse().ok());
+    let claims = session.claims();
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let command = Command::Sync {
+        org: claims.org_id.clone(),
+        membership: rooms::membership(&claims),
+        after,
+        reply: tx,
+    };
+    if ctx.commands.send(command).await.is_err() {
+        return reply.send(&lost, Some(("unavailable", "shutting down".into())));
+    }
+    let ack = rx.await.unwrap_or(lost);
+    reply.send(&ack, None);
 }

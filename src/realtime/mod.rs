@@ -6,13 +6,17 @@
 //! the client as `connect_error` with the contract's message. Once in, it joins its organisation
 //! and user rooms ([`rooms::membership`]) and its [`Session`] lives in the socket's extensions.
 
+pub mod emitter;
 mod fanout;
 mod handlers;
+mod history;
 pub mod limiter;
+pub mod offset;
 pub mod outbox;
 mod reply;
 pub mod rooms;
 mod session;
+pub mod stream;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -39,6 +43,8 @@ pub struct Ctx {
     pub jwt: Arc<JwtVerifier>,
     pub limits: Arc<Limits>,
     pub allow_token_in_query: bool,
+    /// Replays for reconnecting sockets and `sync` go to the emitter.
+    pub commands: tokio::sync::mpsc::Sender<emitter::Command>,
 }
 
 /// The Socket.io builder with our limits and state; the caller picks the adapter.
@@ -48,6 +54,8 @@ pub fn builder(config: &Config, ctx: Ctx) -> SocketIoBuilder {
         .max_buffer_size(l.socket_buffer_size)
         .max_payload(l.socket_max_payload)
         .connect_timeout(Duration::from_secs(l.handshake_timeout_secs))
+        .ping_interval(Duration::from_millis(l.socket_ping_interval_ms))
+        .ping_timeout(Duration::from_millis(l.socket_ping_timeout_ms))
         .with_state(ctx)
 }
 
@@ -124,28 +132,67 @@ pub async fn authenticate<A: Adapter>(
     // Rooms and listeners are set up here, before the handshake completes: the connect handler
     // runs as a separate task after the client is told it is connected, and a dashboard that
     // emits in its `connect` callback must never find nobody listening.
-    s.join(rooms::membership(&session.claims()));
+    // A client that brings an offset joins its organisation rooms only after its replay (the
+    // emitter does it), and its events wait for the replay: the first turn is the replay's.
+    match auth.as_ref().and_then(|a| a.get("offset")) {
+        None | Some(Value::Null) => s.join(rooms::membership(&session.claims())),
+        Some(offset) => {
+            let after = offset.as_str().and_then(|o| o.parse().ok());
+            let turn = session::Turn::take(session.clone());
+            s.extensions
+                .insert(PendingReplay(Arc::new(std::sync::Mutex::new(Some((
+                    after, turn,
+                ))))));
+        }
+    }
     s.on("subscribe:site", handlers::subscribe_site::<A>);
     s.on("unsubscribe:site", handlers::unsubscribe_site::<A>);
     s.on("subscribe:unit", handlers::subscribe_unit::<A>);
     s.on("unsubscribe:unit", handlers::unsubscribe_unit::<A>);
     s.on("get:latest", handlers::get_latest::<A>);
     s.on("auth:refresh", handlers::auth_refresh::<A>);
+    s.on("sync", handlers::sync::<A>);
     s.on_fallback(handlers::unknown_event::<A>);
     s.on_disconnect(on_disconnect::<A>);
     s.extensions.insert(session);
     Ok(())
 }
 
-/// A socket that passed [`authenticate`]: arm the timer that ends it when its token runs out.
+/// The offset a client connected with, and its first turn, until the connect handler hands
+/// them to the emitter.
+#[derive(Clone)]
+struct PendingReplay(Arc<std::sync::Mutex<Option<Replaying>>>);
+
+/// The offset (`None` when the client sent something else) and the socket's first turn.
+type Replaying = (Option<offset::Offset>, session::Turn);
+
+/// A socket that passed [`authenticate`]: start its replay if it asked for one (now that the
+/// client knows it is connected), and arm the timer that ends it when its token runs out.
 pub async fn on_connect<A: Adapter>(
     s: SocketRef<A>,
     io: SocketIo<A>,
     Extension(session): Extension<Arc<Session>>,
+    State(ctx): State<Ctx>,
 ) {
     let claims = session.claims();
     tracing::info!(sid = %s.id, org = %claims.org_id, transport = ?s.transport_type(), "socket connected");
     crate::observe::socket_connected(transport_label(s.transport_type()));
+    let pending = s
+        .extensions
+        .remove::<PendingReplay>()
+        .and_then(|p| p.0.lock().unwrap().take());
+    if let Some((after, turn)) = pending {
+        let command = emitter::Command::Recover {
+            sid: s.id,
+            org: claims.org_id.clone(),
+            membership: rooms::membership(&claims),
+            after,
+            turn,
+        };
+        if ctx.commands.send(command).await.is_err() {
+            tracing::debug!(sid = %s.id, "shutting down; no replay");
+        }
+    }
     let task = tokio::spawn(expire_at_deadline(io, s.id, session.clone()));
     session.set_expiry_task(task.abort_handle());
 }

@@ -1,5 +1,5 @@
-//! The way out to clients: pipeline stages put events in the [`Outbox`]; one emitter task,
-//! generic over the Socket.io adapter, broadcasts them.
+//! The way out to clients: pipeline stages put events in the [`Outbox`]; the emitter
+//! (`emitter.rs`) logs organisation events and broadcasts everything.
 //!
 //! Each payload is serialised once, here, into raw JSON; socketioxide then encodes the packet
 //! once per broadcast and writes the same bytes to every recipient socket.
@@ -8,11 +8,12 @@ use std::borrow::Cow;
 
 use serde::Serialize;
 use serde_json::value::RawValue;
-use socketioxide::adapter::Adapter;
-use socketioxide::{BroadcastError, SocketIo};
 use tokio::sync::mpsc;
 
 pub struct Outgoing {
+    /// The organisation whose event log it goes into (with an offset), or `None` for the live
+    /// `sensor:reading` stream, which is not logged.
+    pub org: Option<String>,
     pub rooms: Vec<String>,
     pub event: Cow<'static, str>,
     pub payload: Box<RawValue>,
@@ -31,14 +32,38 @@ impl Outbox {
         (Outbox(tx), rx)
     }
 
+    /// An event that is not logged (the live `sensor:reading` stream).
     pub async fn send<T: Serialize>(&self, rooms: Vec<String>, event: &'static str, payload: &T) {
-        self.send_dynamic(rooms, Cow::Borrowed(event), payload)
+        self.put(None, rooms, Cow::Borrowed(event), payload).await
+    }
+
+    /// An organisation event: logged with an offset, replayed to clients that missed it.
+    pub async fn send_to_org<T: Serialize>(
+        &self,
+        org: &str,
+        rooms: Vec<String>,
+        event: &'static str,
+        payload: &T,
+    ) {
+        self.put(Some(org.to_string()), rooms, Cow::Borrowed(event), payload)
             .await
     }
 
-    /// Like [`Outbox::send`], for event names chosen at run time (published events).
+    /// Like [`Outbox::send_to_org`], for event names chosen at run time (published events).
     pub async fn send_dynamic<T: Serialize>(
         &self,
+        org: &str,
+        rooms: Vec<String>,
+        event: impl Into<Cow<'static, str>>,
+        payload: &T,
+    ) {
+        self.put(Some(org.to_string()), rooms, event.into(), payload)
+            .await
+    }
+
+    async fn put<T: Serialize>(
+        &self,
+        org: Option<String>,
         rooms: Vec<String>,
         event: impl Into<Cow<'static, str>>,
         payload: &T,
@@ -58,6 +83,7 @@ impl Outbox {
         if self
             .0
             .send(Outgoing {
+                org,
                 rooms,
                 event,
                 payload,
@@ -69,65 +95,4 @@ impl Outbox {
             tracing::warn!("emitter stopped; event not delivered");
         }
     }
-}
-
-/// Broadcasts everything put in the outbox. When `stop` fires (after the pipeline stages have
-/// ended) it refuses new events, sends what is already queued, and ends — it cannot wait for
-/// every sender to go, since request handlers hold one until the server itself is gone.
-///
-/// With several nodes, a broadcast also goes through Redis. While Redis is known to be away the
-/// emitter broadcasts to this node's sockets only, so local delivery never waits on a dead
-/// connection (other nodes cannot be reached then anyway).
-pub async fn run_emitter<A: Adapter>(
-    io: SocketIo<A>,
-    mut rx: mpsc::Receiver<Outgoing>,
-    redis: Option<crate::cluster::RedisHealth>,
-    stop: tokio::sync::oneshot::Receiver<()>,
-) {
-    let mut stop = Some(stop);
-    loop {
-        let next = match stop.as_mut() {
-            Some(signal) => tokio::select! {
-                biased;
-                out = rx.recv() => out,
-                _ = signal => {
-                    rx.close();
-                    stop = None;
-                    continue;
-                }
-            },
-            None => rx.recv().await,
-        };
-        let Some(out) = next else { break };
-        crate::observe::emitted(out.label);
-        let local_only = redis.as_ref().is_some_and(|h| !h.is_up());
-        let rooms = out.rooms;
-        let mut to = io.to(rooms.clone());
-        if local_only {
-            to = to.local();
-        }
-        match to.emit(out.event.as_ref(), &out.payload).await {
-            Ok(()) => {}
-            // The Redis adapter publishes before it delivers locally, and skips the local part
-            // when publishing fails: deliver locally now, so this node's clients miss nothing.
-            Err(BroadcastError::Adapter(e)) => {
-                if let Some(h) = &redis {
-                    h.mark_down();
-                }
-                tracing::debug!(event = %out.event, error = %e, "cross-node broadcast failed; delivered locally");
-                if let Err(e) = io
-                    .to(rooms)
-                    .local()
-                    .emit(out.event.as_ref(), &out.payload)
-                    .await
-                {
-                    tracing::warn!(event = %out.event, error = %e, "broadcast did not reach every socket");
-                }
-            }
-            Err(e) => {
-                tracing::warn!(event = %out.event, error = %e, "broadcast did not reach every socket");
-            }
-        }
-    }
-    tracing::debug!("emitter stopped");
 }

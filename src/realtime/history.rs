@@ -1,0 +1,231 @@
+//! What a reconnecting client may have missed: the organisation events a node logged, kept for
+//! the retention window, and the replay of those after an offset.
+//!
+//! On one node the log is here, in memory ([`History`]); with several nodes it is a Redis
+//! stream per organisation (`stream.rs`), read back into the same [`Entry`] values.
+
+use std::borrow::Cow;
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+
+use serde_json::value::RawValue;
+
+use super::offset::Offset;
+
+/// One logged event, its payload already carrying its offset.
+pub struct Entry {
+    pub offset: Offset,
+    pub event: Cow<'static, str>,
+    /// The internal rooms it was sent to; a replay sends it only to sockets in one of them.
+    pub rooms: Vec<String>,
+    pub payload: Box<RawValue>,
+}
+
+impl Entry {
+    pub fn visible_in(&self, membership: &[String]) -> bool {
+        self.rooms.iter().any(|r| membership.contains(r))
+    }
+}
+
+/// The answer to "what came after this offset?".
+pub enum Replay {
+    /// Every event after the offset that the socket may see, in order; `head` is the newest
+    /// offset of the organisation's log (what the client has now seen up to).
+    Recovered {
+        events: Vec<Arc<Entry>>,
+        head: Offset,
+    },
+    /// The offset is not in the log: unknown, of another organisation or process, or older than
+    /// the retention window. The client refetches through the REST reads.
+    Lost,
+}
+
+/// Picks the events after `after` out of an organisation's log, which is in offset order.
+/// `after` itself must still be in the log: otherwise something after it may already be gone.
+pub fn replay_from<'a>(
+    log: impl IntoIterator<Item = &'a Arc<Entry>>,
+    after: Offset,
+    membership: &[String],
+) -> Replay {
+    let mut found = false;
+    let mut head = after;
+    let mut events = Vec::new();
+    for entry in log {
+        if found {
+            head = entry.offset;
+            if entry.visible_in(membership) {
+                events.push(entry.clone());
+            }
+        } else if entry.offset == after {
+            found = true;
+        } else if entry.offset > after {
+            break;
+        }
+    }
+    if found {
+        Replay::Recovered { events, head }
+    } else {
+        Replay::Lost
+    }
+}
+
+/// The in-memory log of one node: per organisation, at most `max_events` entries, none older
+/// than `window_ms`.
+pub struct History {
+    window_ms: u64,
+    max_events: usize,
+    orgs: HashMap<String, VecDeque<Arc<Entry>>>,
+}
+
+impl History {
+    pub fn new(window_ms: u64, max_events: usize) -> Self {
+        History {
+            window_ms,
+            max_events: max_events.max(1),
+            orgs: HashMap::new(),
+        }
+    }
+
+    pub fn record(&mut self, org: &str, entry: Arc<Entry>, now_ms: u64) {
+        let log = match self.orgs.get_mut(org) {
+            Some(log) => log,
+            None => self.orgs.entry(org.to_string()).or_default(),
+        };
+        log.push_back(entry);
+        while log.len() > self.max_events {
+            log.pop_front();
+        }
+        expire(log, now_ms.saturating_sub(self.window_ms));
+    }
+
+    pub fn replay(
+        &mut self,
+        org: &str,
+        after: Offset,
+        membership: &[String],
+        now_ms: u64,
+    ) -> Replay {
+        let Some(log) = self.orgs.get_mut(org) else {
+            return Replay::Lost;
+        };
+        expire(log, now_ms.saturating_sub(self.window_ms));
+        // Binary search to the offset, then walk forward from there.
+        let start = log.partition_point(|e| e.offset < after);
+        replay_from(log.range(start..), after, membership)
+    }
+
+    /// Drops what has aged out everywhere, and organisations left with nothing (called now and
+    /// then, so a quiet organisation's log does not stay in memory).
+    pub fn expire_all(&mut self, now_ms: u64) {
+        let oldest = now_ms.saturating_sub(self.window_ms);
+        self.orgs.retain(|_, log| {
+            expire(log, oldest);
+            !log.is_empty()
+        });
+    }
+
+    pub fn len(&self) -> usize {
+        self.orgs.values().map(VecDeque::len).sum()
+    }
+
+    #[cfg(test)]
+    pub fn is_empty(&self) -> bool {
+        self.orgs.is_empty()
+    }
+}
+
+fn expire(log: &mut VecDeque<Arc<Entry>>, oldest_ms: u64) {
+    while log.front().is_some_and(|e| e.offset.ms < oldest_ms) {
+        log.pop_front();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(ms: u64, seq: u64, room: &str) -> Arc<Entry> {
+        Arc::new(Entry {
+            offset: Offset { ms, seq },
+            event: Cow::Borrowed("e"),
+            rooms: vec![room.to_string()],
+            payload: RawValue::from_string("{}".into()).unwrap(),
+        })
+    }
+
+    fn offsets(r: &Replay) -> Vec<(u64, u64)> {
+        match r {
+            Replay::Recovered { events, .. } => {
+                events.iter().map(|e| (e.offset.ms, e.offset.seq)).collect()
+            }
+            Replay::Lost => panic!("lost"),
+        }
+    }
+
+    #[test]
+    fn replays_what_came_after_in_order_and_only_what_the_socket_may_see() {
+        let mut h = History::new(60_000, 100);
+        for (i, room) in ["a", "b", "a", "a"].iter().enumerate() {
+            h.record("org", entry(1000, i as u64, room), 1000);
+        }
+        let mine = vec!["a".to_string()];
+        let r = h.replay("org", Offset { ms: 1000, seq: 0 }, &mine, 1000);
+        assert_eq!(offsets(&r), vec![(1000, 2), (1000, 3)]);
+        let Replay::Recovered { head, .. } = r else {
+            unreachable!()
+        };
+        assert_eq!(head, Offset { ms: 1000, seq: 3 });
+        // Nothing missed: recovered, nothing to send, head is the offset itself.
+        let r = h.replay("org", Offset { ms: 1000, seq: 3 }, &mine, 1000);
+        assert_eq!(offsets(&r), Vec::<(u64, u64)>::new());
+    }
+
+    #[test]
+    fn unknown_other_org_and_aged_out_offsets_are_lost() {
+        let mut h = History::new(1_000, 100);
+        h.record("org", entry(1000, 0, "a"), 1000);
+        h.record("org", entry(1500, 0, "a"), 1500);
+        let mine = vec!["a".to_string()];
+        assert!(matches!(
+            h.replay("org", Offset { ms: 1200, seq: 0 }, &mine, 1500),
+            Replay::Lost
+        ));
+        assert!(matches!(
+            h.replay("other", Offset { ms: 1000, seq: 0 }, &mine, 1500),
+            Replay::Lost
+        ));
+        assert!(matches!(
+            h.replay("org", Offset { ms: 1000, seq: 0 }, &mine, 1500),
+            Replay::Recovered { .. }
+        ));
+        // 1000 is now older than the one-second window.
+        assert!(matches!(
+            h.replay("org", Offset { ms: 1000, seq: 0 }, &mine, 2100),
+            Replay::Lost
+        ));
+        assert!(matches!(
+            h.replay("org", Offset { ms: 1500, seq: 0 }, &mine, 2100),
+            Replay::Recovered { .. }
+        ));
+        h.expire_all(3000);
+        assert!(h.is_empty());
+    }
+
+    #[test]
+    fn keeps_at_most_max_events_per_org() {
+        let mut h = History::new(60_000, 3);
+        for i in 0..5 {
+            h.record("org", entry(1000, i, "a"), 1000);
+        }
+        assert_eq!(h.len(), 3);
+        let mine = vec!["a".to_string()];
+        assert!(matches!(
+            h.replay("org", Offset { ms: 1000, seq: 1 }, &mine, 1000),
+            Replay::Lost
+        ));
+        assert_eq!(
+            offsets(&h.replay("org", Offset { ms: 1000, seq: 2 }, &mine, 1000)),
+            vec![(1000, 3), (1000, 4)]
+        );
+    }
+}

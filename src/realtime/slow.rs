@@ -1,0 +1,439 @@
+//! Slow consumers: a Socket.io client that stops reading (a frozen tab, a stalled network) is
+//! disconnected once its outgoing buffer stays full, instead of holding server memory or
+//! silently missing events; everyone else is unaffected.
+//!
+//! What socketioxide 0.18 gives us, and what it does not:
+//! - Each socket has a bounded queue (`SOCKET_BUFFER_SIZE` packets). A broadcast that finds it
+//!   full skips that socket and reports `BroadcastError::Socket([InternalChannelFull, ..])` —
+//!   without saying *which* socket. Memory is bounded by that queue; the socket is not closed.
+//! - `Socket::disconnect` must queue a DISCONNECT packet, so on a full socket it fails with
+//!   `InternalChannelFull` and closes nothing. Only engine.io's heartbeat would end it, when
+//!   its next ping cannot be queued — up to `SOCKET_PING_INTERVAL_MS` later.
+//!
+//! So, two parts:
+//! 1. **Finding full sockets without sending anything**: [`probe`] asks a socket to emit a value
+//!    whose serialisation always fails. socketioxide reserves a queue slot *before* encoding, so
+//!    a full queue answers `InternalChannelFull`, and one with room answers a serialisation error
+//!    and releases the slot unused: nothing reaches the wire and nothing is encoded per
+//!    recipient. The [`sweep`] task probes this node's sockets every `every`, and at once when
+//!    the emitter reports a full queue ([`SlowConsumers::broadcast_failed`]). A socket full at
+//!    every probe for `grace` is a slow consumer: one that drains a burst is left alone.
+//! 2. **Closing it anyway**: [`Listener`] wraps the gateway's TCP listener so that every
+//!    connection carries a [`Connection`] handle in the request's `ConnectInfo`, which engine.io
+//!    keeps in the socket's request parts. Killing it makes the connection's reads and writes
+//!    fail, so engine.io ends the session (its queue is dropped with it) and the client sees the
+//!    connection close. That applies to sockets that opened over WebSocket; a long-polling
+//!    socket (or one upgraded from polling, whose request parts belong to the polling
+//!    handshake) stops polling when it stops reading, and the heartbeat ends it.
+//!
+//! An evicted socket first leaves all its rooms, so no broadcast spends time on it or reports it
+//! again; it is counted once (`sensorwire_slow_consumer_disconnects_total{client="socketio"}`).
+//!
+//! Wiring (the one place that builds the server):
+//! - `axum::serve(slow::Listener::new(listener), app.into_make_service_with_connect_info::<slow::Connection>())`
+//!   instead of `axum::serve(listener, app)`;
+//! - `let slow = SlowConsumers::new();` and `tokio::spawn(slow::sweep(io.clone(), slow.clone(),
+//!   SweepConfig::default(), stop))` next to the other pipeline tasks; `stop` resolves at shutdown.
+//! - In the emitter, after a broadcast returns `Err(e)`: `slow.broadcast_failed(&e)` (optional:
+//!   without it full sockets are still found by the periodic sweep, up to `every` later).
+
+use std::collections::{HashMap, HashSet};
+use std::future::Future;
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use axum::extract::ConnectInfo;
+use axum::extract::connect_info::Connected;
+use axum::serve::IncomingStream;
+use futures_util::task::AtomicWaker;
+use serde::{Serialize, Serializer};
+use socketioxide::adapter::Adapter;
+use socketioxide::extract::SocketRef;
+use socketioxide::socket::Sid;
+use socketioxide::{BroadcastError, SendError, SocketError, SocketIo};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Notify;
+
+/// How often to look, and how long a queue must stay full before its socket is let go.
+#[derive(Clone, Copy, Debug)]
+pub struct SweepConfig {
+    pub every: Duration,
+    pub grace: Duration,
+}
+
+impl Default for SweepConfig {
+    fn default() -> Self {
+        SweepConfig {
+            every: Duration::from_millis(500),
+            grace: Duration::from_secs(2),
+        }
+    }
+}
+
+/// The emitter's side: reports broadcasts that found a full queue, so the sweep looks at once.
+#[derive(Clone, Default)]
+pub struct SlowConsumers {
+    wake: Arc<Notify>,
+}
+
+impl SlowConsumers {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Call with any error a broadcast returned; only a full socket queue wakes the sweep.
+    pub fn broadcast_failed(&self, error: &BroadcastError) {
+        if let BroadcastError::Socket(errors) = error
+            && errors
+                .iter()
+                .any(|e| matches!(e, SocketError::InternalChannelFull))
+        {
+            self.wake.notify_one();
+        }
+    }
+}
+
+/// What a socket's outgoing queue looks like right now.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Room {
+    Free,
+    Full,
+    Gone,
+}
+
+/// A value that never serialises: the probe's payload.
+struct Nothing;
+
+impl Serialize for Nothing {
+    fn serialize<S: Serializer>(&self, _: S) -> Result<S::Ok, S::Error> {
+        Err(serde::ser::Error::custom("slow-consumer probe"))
+    }
+}
+
+/// Whether `socket`'s queue has room, without sending anything: socketioxide reserves a slot,
+/// then fails to encode [`Nothing`] and gives the slot back.
+pub fn probe<A: Adapter>(socket: &SocketRef<A>) -> Room {
+    match socket.emit("sensorwire:probe", &Nothing) {
+        Err(SendError::Socket(SocketError::InternalChannelFull)) => Room::Full,
+        Err(SendError::Socket(SocketError::Closed)) => Room::Gone,
+        // The slot was free (the encoding failed after reserving it); `Ok` cannot happen.
+        Err(SendError::Serialize(_)) | Ok(()) => Room::Free,
+    }
+}
+
+/// Probes this node's sockets until `stop` resolves; evicts those full for `grace`.
+pub async fn sweep<A: Adapter>(
+    io: SocketIo<A>,
+    slow: SlowConsumers,
+    config: SweepConfig,
+    stop: impl Future<Output = ()>,
+) {
+    tokio::pin!(stop);
+    let mut tick = tokio::time::interval(config.every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut state = Sweep::default();
+    loop {
+        tokio::select! {
+            _ = &mut stop => break,
+            _ = tick.tick() => {}
+            _ = slow.wake.notified() => {}
+        }
+        state.once(&io, config.grace, Instant::now());
+    }
+}
+
+/// What one sweep remembers for the next.
+#[derive(Default)]
+struct Sweep {
+    /// Sockets found full, since when (continuously).
+    full_since: HashMap<Sid, Instant>,
+    /// Sockets already counted and closing.
+    evicted: HashSet<Sid>,
+}
+
+impl Sweep {
+    fn once<A: Adapter>(&mut self, io: &SocketIo<A>, grace: Duration, now: Instant) {
+        let sockets = io.sockets();
+        let mut seen = HashSet::with_capacity(self.full_since.len() + self.evicted.len());
+        for socket in sockets {
+            let sid = socket.id;
+            let room = probe(&socket);
+            if self.evicted.contains(&sid) {
+                seen.insert(sid);
+                // Still here: the heartbeat or the killed connection will end it; the
+                // DISCONNECT packet goes out as soon as the queue has room for it.
+                if room == Room::Free {
+                    socket.disconnect().ok();
+                }
+                continue;
+            }
+            match room {
+                Room::Full => {
+                    seen.insert(sid);
+                    let since = *self.full_since.entry(sid).or_insert(now);
+                    if now.duration_since(since) >= grace {
+                        self.full_since.remove(&sid);
+                        self.evicted.insert(sid);
+                        evict(socket);
+                    }
+                }
+                Room::Free | Room::Gone => {
+                    self.full_since.remove(&sid);
+                }
+            }
+        }
+        // Forget sockets that are gone (or drained) since.
+        self.full_since.retain(|sid, _| seen.contains(sid));
+        self.evicted.retain(|sid| seen.contains(sid));
+    }
+}
+
+/// Lets a slow socket go: out of every room, counted once, then closed as directly as the
+/// transport allows.
+fn evict<A: Adapter>(socket: SocketRef<A>) {
+    socket.leave_all();
+    crate::observe::slow_consumer("socketio");
+    let killed = match socket.clone().disconnect() {
+        Ok(()) => false,
+        Err(_) => kill_connection(&socket),
+    };
+    tracing::info!(
+        sid = %socket.id,
+        transport = ?socket.transport_type(),
+        killed,
+        "socket stopped reading; disconnecting it"
+    );
+}
+
+/// Ends the TCP connection of a socket that opened over WebSocket. `false` when there is no such
+/// connection to end (long-polling, or upgraded from it): the heartbeat ends those.
+fn kill_connection<A: Adapter>(socket: &SocketRef<A>) -> bool {
+    let parts = socket.req_parts();
+    let opened_over_websocket = parts
+        .uri
+        .query()
+        .is_some_and(|q| q.split('&').any(|kv| kv == "transport=websocket"));
+    match parts.extensions.get::<ConnectInfo<Connection>>() {
+        Some(ConnectInfo(conn)) if opened_over_websocket => {
+            conn.kill();
+            true
+        }
+        _ => false,
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Connections that can be ended from outside
+
+/// The gateway's TCP listener, handing out connections that [`Connection::kill`] can end.
+pub struct Listener(TcpListener);
+
+impl Listener {
+    pub fn new(listener: TcpListener) -> Self {
+        Listener(listener)
+    }
+}
+
+impl axum::serve::Listener for Listener {
+    type Io = KillableStream;
+    type Addr = SocketAddr;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        let (stream, addr) = axum::serve::Listener::accept(&mut self.0).await;
+        let stream = KillableStream {
+            inner: stream,
+            switch: Connection {
+                switch: Arc::new(Switch::default()),
+                peer: addr,
+            },
+        };
+        (stream, addr)
+    }
+
+    fn local_addr(&self) -> io::Result<Self::Addr> {
+        self.0.local_addr()
+    }
+}
+
+/// One accepted connection, as request `ConnectInfo`: its peer and the switch that ends it.
+#[derive(Clone, Debug)]
+pub struct Connection {
+    switch: Arc<Switch>,
+    pub peer: SocketAddr,
+}
+
+#[derive(Debug, Default)]
+struct Switch {
+    killed: AtomicBool,
+    reader: AtomicWaker,
+    writer: AtomicWaker,
+}
+
+impl Connection {
+    /// Every read and write of the connection fails from now on, including one already waiting
+    /// for a peer that does not read: the tasks serving it end and drop it.
+    pub fn kill(&self) {
+        self.switch.killed.store(true, Ordering::Release);
+        self.switch.reader.wake();
+        self.switch.writer.wake();
+    }
+}
+
+impl Connected<IncomingStream<'_, Listener>> for Connection {
+    fn connect_info(stream: IncomingStream<'_, Listener>) -> Self {
+        stream.io().switch.clone()
+    }
+}
+
+/// A TCP stream whose reads and writes fail once its [`Connection`] is killed.
+pub struct KillableStream {
+    inner: TcpStream,
+    switch: Connection,
+}
+
+impl KillableStream {
+    /// Registers the waker first, so a kill between the check and the wait is not missed.
+    fn killed(&self, waker: &AtomicWaker, cx: &Context<'_>) -> bool {
+        waker.register(cx.waker());
+        self.switch.switch.killed.load(Ordering::Acquire)
+    }
+}
+
+fn aborted() -> io::Error {
+    io::Error::new(
+        io::ErrorKind::ConnectionAborted,
+        "closed: the client stopped reading",
+    )
+}
+
+impl AsyncRead for KillableStream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if this.killed(&this.switch.switch.reader, cx) {
+            return Poll::Ready(Err(aborted()));
+        }
+        Pin::new(&mut this.inner).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for KillableStream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        if this.killed(&this.switch.switch.writer, cx) {
+            return Poll::Ready(Err(aborted()));
+        }
+        Pin::new(&mut this.inner).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        if this.killed(&this.switch.switch.writer, cx) {
+            return Poll::Ready(Err(aborted()));
+        }
+        Pin::new(&mut this.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if this.killed(&this.switch.switch.writer, cx) {
+            return Poll::Ready(Err(aborted()));
+        }
+        Pin::new(&mut this.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// A write blocked on a peer that does not read fails as soon as the connection is killed.
+    #[tokio::test]
+    async fn kill_ends_a_blocked_write() {
+        let tcp = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = tcp.local_addr().unwrap();
+        let mut listener = Listener::new(tcp);
+        let _peer = TcpStream::connect(addr).await.unwrap(); // never reads
+        let (mut stream, _) = axum::serve::Listener::accept(&mut listener).await;
+        let conn = stream.switch.clone();
+        let writer = tokio::spawn(async move {
+            let chunk = vec![0u8; 1 << 20];
+            loop {
+                stream.write_all(&chunk).await?;
+            }
+            #[allow(unreachable_code)]
+            Ok::<(), io::Error>(())
+        });
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(
+            !writer.is_finished(),
+            "the write should be waiting on the peer"
+        );
+        conn.kill();
+        let err = tokio::time::timeout(Duration::from_secs(2), writer)
+            .await
+            .expect("kill did not wake the blocked write")
+            .unwrap()
+            .unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::ConnectionAborted);
+    }
+
+    #[tokio::test]
+    async fn kill_ends_reads() {
+        let tcp = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = tcp.local_addr().unwrap();
+        let mut listener = Listener::new(tcp);
+        let _peer = TcpStream::connect(addr).await.unwrap(); // never writes
+        let (mut stream, _) = axum::serve::Listener::accept(&mut listener).await;
+        let conn = stream.switch.clone();
+        let reader = tokio::spawn(async move { stream.read(&mut [0u8; 16]).await });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        conn.kill();
+        let res = tokio::time::timeout(Duration::from_secs(2), reader)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(res.unwrap_err().kind(), io::ErrorKind::ConnectionAborted);
+    }
+
+    #[test]
+    fn only_a_full_queue_wakes_the_sweep() {
+        let slow = SlowConsumers::new();
+        slow.broadcast_failed(&BroadcastError::Socket(vec![SocketError::Closed]));
+        assert!(
+            futures_util::FutureExt::now_or_never(slow.wake.notified()).is_none(),
+            "a closed socket is no reason to sweep"
+        );
+        slow.broadcast_failed(&BroadcastError::Socket(vec![
+            SocketError::Closed,
+            SocketError::InternalChannelFull,
+        ]));
+        assert!(futures_util::FutureExt::now_or_never(slow.wake.notified()).is_some());
+    }
+}

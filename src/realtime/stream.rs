@@ -1,0 +1,221 @@
+//! The organisation event log of a cluster, in Redis streams.
+//!
+//! Each event is appended by one Lua script (atomic, so both streams agree on order) to
+//! - `sensorwire:events`: every organisation's events, which every node tails and delivers to
+//!   its own sockets — this, not the Socket.io adapter, carries organisation events, so every
+//!   node sees them in one order and can put a replay and live delivery back to back;
+//! - `sensorwire:events:{org}`: the organisation's retention for replays, trimmed by length and
+//!   age, expiring when the organisation goes quiet.
+//!
+//! The entry id Redis gives the first `XADD` is the event's offset on every node; the second
+//! `XADD` reuses it. Payloads are stored without their offset, which is added when read.
+//! Both keys are touched by one script, so this needs one Redis (or one cluster slot), which is
+//! what the Socket.io Redis adapter assumes too.
+
+use std::borrow::Cow;
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use fred::interfaces::StreamsInterface;
+use fred::types::scripts::Script;
+use serde_json::value::RawValue;
+use socketioxide_redis::drivers::fred::fred_client as fred;
+
+use super::history::{Entry, Replay, replay_from};
+use super::offset::{Offset, stamp};
+
+const GLOBAL: &str = "sensorwire:events";
+
+/// Entries kept in the global stream: only a node that falls this far behind its tail loses
+/// events (logged); replays read the per-organisation streams.
+const GLOBAL_MAX_LEN: u64 = 100_000;
+
+/// How many entries one tail read returns at most.
+const TAIL_COUNT: u64 = 1_000;
+
+/// How long one tail read waits for new entries (then it simply reads again).
+const TAIL_BLOCK_MS: u64 = 1_000;
+
+const APPEND: &str = r#"
+local id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[5], '*',
+  'o', ARGV[1], 'e', ARGV[2], 'r', ARGV[3], 'p', ARGV[4])
+redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[6], id, 'e', ARGV[2], 'r', ARGV[3], 'p', ARGV[4])
+redis.call('XTRIM', KEYS[2], 'MINID', '~', ARGV[7])
+redis.call('PEXPIRE', KEYS[2], ARGV[8])
+return id
+"#;
+
+fn org_key(org: &str) -> String {
+    format!("{GLOBAL}:{org}")
+}
+
+/// Appends and replays; cheap to clone.
+#[derive(Clone)]
+pub struct RedisLog {
+    client: fred::clients::Client,
+    script: Arc<Script>,
+    window_ms: u64,
+    max_events: u64,
+}
+
+impl RedisLog {
+    pub fn new(client: fred::clients::Client, window_ms: u64, max_events: usize) -> Self {
+        RedisLog {
+            client,
+            script: Arc::new(Script::from_lua(APPEND)),
+            window_ms,
+            max_events: max_events.max(1) as u64,
+        }
+    }
+
+    /// Logs one event of `org`; every node's tail then delivers it.
+    pub async fn append(
+        &self,
+        org: &str,
+        event: &str,
+        rooms: &[String],
+        payload: &RawValue,
+    ) -> Result<Offset, fred::error::Error> {
+        let rooms = serde_json::to_string(rooms).unwrap_or_default();
+        let oldest = super::offset::now_ms().saturating_sub(self.window_ms);
+        let args: Vec<fred::types::Value> = vec![
+            org.into(),
+            event.into(),
+            rooms.into(),
+            payload.get().into(),
+            (GLOBAL_MAX_LEN as i64).into(),
+            (self.max_events as i64).into(),
+            oldest.to_string().into(),
+            // The organisation's stream outlives its newest entry by one window.
+            ((self.window_ms + 1_000) as i64).into(),
+        ];
+        let id: String = self
+            .script
+            .evalsha_with_reload(&self.client, vec![GLOBAL.to_string(), org_key(org)], args)
+            .await?;
+        id.parse()
+            .map_err(|_| fred::error::Error::new(fred::error::ErrorKind::Parse, "bad stream id"))
+    }
+
+    /// The events of `org` after `after` up to and including `upto` (where this node's
+    /// delivery stands), that `membership` may see.
+    pub async fn replay(
+        &self,
+        org: &str,
+        after: Offset,
+        upto: Offset,
+        membership: &[String],
+    ) -> Result<Replay, fred::error::Error> {
+        if after > upto || after.ms < super::offset::now_ms().saturating_sub(self.window_ms) {
+            return Ok(Replay::Lost);
+        }
+        let raw: Vec<(String, HashMap<String, String>)> = self
+            .client
+            .xrange(org_key(org), after.to_string(), upto.to_string(), None)
+            .await?;
+        let log: Vec<Arc<Entry>> = raw
+            .into_iter()
+            .filter_map(|(id, fields)| decode(&id, fields).map(|(_, e)| Arc::new(e)))
+            .collect();
+        Ok(replay_from(log.iter(), after, membership))
+    }
+}
+
+/// Turns a stream entry into an [`Entry`] (and its organisation, when the entry names it).
+fn decode(id: &str, mut fields: HashMap<String, String>) -> Option<(Option<String>, Entry)> {
+    let offset: Offset = id.parse().ok()?;
+    let event = fields.remove("e")?;
+    let rooms: Vec<String> = serde_json::from_str(fields.get("r")?).ok()?;
+    let payload = RawValue::from_string(fields.remove("p")?).ok()?;
+    Some((
+        fields.remove("o"),
+        Entry {
+            offset,
+            event: Cow::Owned(event),
+            rooms,
+            payload: stamp(&payload, offset),
+        },
+    ))
+}
+
+/// What the tail hands the node's delivery loop, in stream order.
+pub enum Tailed {
+    /// Where the stream ended when the tail started: this node delivers what comes after.
+    Start(Offset),
+    Entry(Arc<Entry>),
+}
+
+/// Reads the global stream from where it ends now, forever. A dedicated connection: `XREAD
+/// BLOCK` holds it while it waits.
+pub async fn tail(client: fred::clients::Client, deliver: tokio::sync::mpsc::Sender<Tailed>) {
+    let mut from = loop {
+        match client
+            .xrevrange::<Vec<(String, HashMap<String, String>)>, _, _, _>(GLOBAL, "+", "-", Some(1))
+            .await
+        {
+            Ok(last) => {
+                break last
+                    .into_iter()
+                    .next()
+                    .and_then(|(id, _)| id.parse().ok())
+                    .unwrap_or(Offset { ms: 0, seq: 0 });
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "reading the cluster event stream failed; retrying");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        }
+    };
+    if deliver.send(Tailed::Start(from)).await.is_err() {
+        return;
+    }
+    let mut failing = false;
+    loop {
+        let read = tokio::time::timeout(
+            Duration::from_millis(TAIL_BLOCK_MS + 2_000),
+            client.xread_map::<String, String, String, String, _, _>(
+                Some(TAIL_COUNT),
+                Some(TAIL_BLOCK_MS),
+                GLOBAL,
+                from.to_string(),
+            ),
+        )
+        .await;
+        let entries = match read {
+            Ok(Ok(mut streams)) => streams.remove(GLOBAL).unwrap_or_default(),
+            failed => {
+                if !failing {
+                    failing = true;
+                    let error = match failed {
+                        Ok(Err(e)) => e.to_string(),
+                        _ => "timed out".to_string(),
+                    };
+                    tracing::warn!(%error, "reading the cluster event stream failed; retrying");
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                continue;
+            }
+        };
+        if failing {
+            failing = false;
+            tracing::info!("reading the cluster event stream again");
+        }
+        for (id, fields) in entries {
+            match decode(&id, fields) {
+                Some((Some(_), entry)) => {
+                    from = entry.offset;
+                    if deliver.send(Tailed::Entry(Arc::new(entry))).await.is_err() {
+                        return;
+                    }
+                }
+                _ => {
+                    if let Ok(offset) = id.parse() {
+                        from = offset;
+                    }
+                    tracing::warn!(id = %id, "malformed cluster event skipped");
+                }
+            }
+        }
+    }
+}
