@@ -64,27 +64,39 @@ function updateUnit(qc: QueryClient, unitId: string, f: (u: Unit) => Unit) {
   });
 }
 
-/** `sensor:readings:batch`: the card shows the newest reading of the batch. */
+/**
+ * `sensor:readings:batch`: the card shows the newest reading of the batch, and an open chart of the
+ * unit gains every reading of it. The batches are what a reconnect replays (the unit room's
+ * `sensor:reading` stream is not), so they alone keep the chart without gaps; the same reading
+ * arriving again (batch and `sensor:reading`, or a replay) is merged by id, so applying twice is
+ * harmless.
+ */
 export function applyBatch(qc: QueryClient, batch: ReadingsBatch) {
   if (batch.readings.length === 0) return;
   let newest = batch.readings[0];
   for (const r of batch.readings) if (time(r.recordedAt) >= time(newest.recordedAt)) newest = r;
   updateUnit(qc, batch.unitId, (u) => withReading(u, newest));
+  addToChart(qc, batch.unitId, batch.readings);
 }
 
 /** `sensor:reading` (unit and site rooms): the detail chart, and the card when it is newer. */
 export function applyReading(qc: QueryClient, reading: SensorReading) {
   updateUnit(qc, reading.unitId, (u) => withReading(u, reading));
-  const key = keys.readings(reading.unitId);
+  addToChart(qc, reading.unitId, [reading]);
+}
+
+/** Readings into the unit's chart, when something shows it (merged by id: idempotent). */
+function addToChart(qc: QueryClient, unitId: string, readings: SensorReading[]) {
+  const key = keys.readings(unitId);
   const query = qc.getQueryCache().find({ queryKey: key, exact: true });
   if (!query) return; // nobody shows this unit's readings
   if (query.state.data === undefined) {
-    // The chart's first fetch is still under way: keep the reading for it.
-    const pending = journal.pendingReadings.get(reading.unitId) ?? [];
-    journal.pendingReadings.set(reading.unitId, mergeReadings(pending, [reading]));
+    // The chart's first fetch is still under way: keep the readings for it.
+    const pending = journal.pendingReadings.get(unitId) ?? [];
+    journal.pendingReadings.set(unitId, mergeReadings(pending, readings));
     return;
   }
-  qc.setQueryData<SensorReading[]>(key, (list) => (list ? mergeReadings(list, [reading]) : list));
+  qc.setQueryData<SensorReading[]>(key, (list) => (list ? mergeReadings(list, readings) : list));
 }
 
 /** Live readings that arrived before the unit's readings were first fetched (taken once). */

@@ -17,10 +17,11 @@ import {
   applyBatch,
   applyReading,
   applyStatus,
+  keys,
 } from '../lib/live';
-import { dismissToast, showAlertToast } from '../lib/toasts';
+import { dismissToast, showAlertToast, toastFromAlert } from '../lib/toasts';
 import { RENEW_BEFORE_SECS, getToken, secondsLeft, tokenStatus } from '../lib/token';
-import type { ClientToServerEvents, ServerToClientEvents, SubscribeAck } from '../types';
+import type { Alert, ClientToServerEvents, ServerToClientEvents, SubscribeAck, SyncComplete } from '../types';
 
 export type AppSocket = Socket<ServerToClientEvents, ClientToServerEvents>;
 export type ConnectionState = 'connected' | 'connecting' | 'disconnected';
@@ -57,6 +58,11 @@ interface Room {
 /** Manual retries (after a refused handshake or a server-side disconnect): 0.5 s doubling to 5 s. */
 const RETRY_BASE_MS = 500;
 const RETRY_MAX_MS = 5000;
+/**
+ * After a handshake that carried an offset, how long to wait for `sync:complete` before refetching
+ * anyway (e.g. a node of an older version that does not answer it).
+ */
+const SYNC_TIMEOUT_MS = 10_000;
 
 /**
  * One Socket.io connection to the gateway for the whole app.
@@ -68,10 +74,20 @@ const RETRY_MAX_MS = 5000;
  * and calls `socket.connect()` again after a backoff. The `auth` option is a function, so every
  * attempt sends the current token. Before the token expires it is renewed in place with
  * `auth:refresh`.
+ *
+ * Missed events: every org-room event carries an `offset`; the provider keeps the last one it saw
+ * and sends it with the token on every (re)connect. The gateway then replays what this tab missed
+ * (through the same handlers as live events) and says `sync:complete { recovered: true }` — nothing
+ * to refetch. `recovered: false` (offset unknown or too old), or a connect without an offset, means
+ * the REST queries are refetched instead.
  */
 export function RealtimeProvider({ children }: { children: ReactNode }) {
   const queryClient = useQueryClient();
   const sentToken = useRef<string | null>(null);
+  /** The `offset` of the last event received (opaque; events arrive in offset order). */
+  const lastOffset = useRef<string | null>(null);
+  /** The offset sent with the current connection's handshake, if any. */
+  const sentOffset = useRef<string | null>(null);
   const rooms = useRef(new Map<string, Room>());
 
   const [socket] = useState<AppSocket>(() =>
@@ -86,10 +102,15 @@ export function RealtimeProvider({ children }: { children: ReactNode }) {
         getToken().then(
           (token) => {
             sentToken.current = token;
-            cb({ token });
+            sentOffset.current = lastOffset.current;
+            // With an offset, the gateway replays what we missed since it, then `sync:complete`.
+            cb(lastOffset.current ? { token, offset: lastOffset.current } : { token });
           },
           // No token at all: the handshake is refused and the paste-a-token screen shows.
-          () => cb({ token: '' }),
+          () => {
+            sentOffset.current = null;
+            cb({ token: '' });
+          },
         );
       },
     }),
@@ -141,6 +162,7 @@ export function RealtimeProvider({ children }: { children: ReactNode }) {
     let attempt = 0;
     let retryTimer: ReturnType<typeof setTimeout> | undefined;
     let renewTimer: ReturnType<typeof setTimeout> | undefined;
+    let syncTimer: ReturnType<typeof setTimeout> | undefined;
 
     const retryLater = (error: string | null) => {
       clearTimeout(retryTimer);
@@ -195,14 +217,50 @@ export function RealtimeProvider({ children }: { children: ReactNode }) {
       }
     };
 
+    /**
+     * Whatever happened while we were away: read it again. Alerts that opened meanwhile (active now,
+     * unknown before) get their toast, as they would have live.
+     */
+    const refetchAll = async () => {
+      const known = queryClient.getQueryData<Alert[]>(keys.activeAlerts);
+      await queryClient.invalidateQueries(undefined, { cancelRefetch: false });
+      if (disposed || !known) return; // the first load: nothing was missed
+      const active = queryClient.getQueryData<Alert[]>(keys.activeAlerts) ?? [];
+      for (const a of active) {
+        if (!known.some((k) => k.alertId === a.alertId)) showAlertToast(toastFromAlert(a));
+      }
+    };
+
     const onConnect = () => {
       attempt = 0;
       clearTimeout(retryTimer);
+      clearTimeout(syncTimer);
       setStatus({ state: 'connected', error: null });
       for (const room of rooms.current.values()) emitSubscribe(room);
-      // Whatever happened while we were away: read it again.
-      void queryClient.invalidateQueries(undefined, { cancelRefetch: false });
+      if (sentOffset.current) {
+        // The gateway replays what we missed, then sends `sync:complete` (handled below).
+        syncTimer = setTimeout(() => void refetchAll(), SYNC_TIMEOUT_MS);
+      } else {
+        void refetchAll();
+      }
       scheduleRenewal();
+    };
+
+    const onSyncComplete = ({ recovered, offset }: SyncComplete) => {
+      clearTimeout(syncTimer);
+      if (recovered) {
+        // Every missed event went through the handlers below already: nothing to refetch.
+        if (offset) lastOffset.current = offset;
+      } else {
+        void refetchAll();
+      }
+    };
+
+    // Any event whose payload has an `offset` (batches, alerts, status, published events, replayed
+    // or live) moves the offset the next handshake sends.
+    const onAnyEvent = (_event: string, payload?: unknown) => {
+      const offset = (payload as { offset?: unknown } | null | undefined)?.offset;
+      if (typeof offset === 'string') lastOffset.current = offset;
     };
 
     const onConnectError = (err: Error) => {
@@ -218,6 +276,7 @@ export function RealtimeProvider({ children }: { children: ReactNode }) {
 
     const onDisconnect = (reason: Socket.DisconnectReason) => {
       clearTimeout(renewTimer);
+      clearTimeout(syncTimer);
       if (disposed) return;
       if (socket.active) {
         setStatus({ state: 'connecting', error: `connection lost (${reason})` });
@@ -259,6 +318,8 @@ export function RealtimeProvider({ children }: { children: ReactNode }) {
     socket.on('unit:status', onUnitStatus);
     socket.on('alert:triggered', onAlertTriggered);
     socket.on('alert:resolved', onAlertResolved);
+    socket.on('sync:complete', onSyncComplete);
+    socket.onAny(onAnyEvent);
     socket.io.on('reconnect_attempt', onReconnectAttempt);
 
     // A token pasted (or fetched) while we were refused: connect now.
@@ -277,6 +338,7 @@ export function RealtimeProvider({ children }: { children: ReactNode }) {
       disposed = true;
       clearTimeout(retryTimer);
       clearTimeout(renewTimer);
+      clearTimeout(syncTimer);
       offToken();
       socket.off('connect', onConnect);
       socket.off('connect_error', onConnectError);
@@ -288,6 +350,8 @@ export function RealtimeProvider({ children }: { children: ReactNode }) {
       socket.off('unit:status', onUnitStatus);
       socket.off('alert:triggered', onAlertTriggered);
       socket.off('alert:resolved', onAlertResolved);
+      socket.off('sync:complete', onSyncComplete);
+      socket.offAny(onAnyEvent);
       socket.io.off('reconnect_attempt', onReconnectAttempt);
       socket.disconnect();
     };
