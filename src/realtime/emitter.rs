@@ -26,7 +26,7 @@ use super::history::{Entry, History, Replay};
 use super::offset::{Clock, Offset, now_ms, stamp};
 use super::outbox::Outgoing;
 use super::session::Turn;
-use super::stream::{RedisLog, Tailed};
+use super::stream::{Logged, RedisLog, Tailed};
 use crate::cluster::RedisHealth;
 use crate::wire::{MissedEvent, SyncAck, SyncComplete};
 
@@ -214,8 +214,12 @@ async fn run_cluster<A: Adapter>(
     tail.abort();
 }
 
-/// Logs each organisation event to the cluster stream (the tail delivers it); sends the rest
-/// through the Socket.io adapter. Returns the offset of the last event it logged.
+/// How many queued events one append to the cluster stream takes at most.
+const APPEND_MAX: usize = 256;
+
+/// Logs organisation events to the cluster stream (the tail delivers them), as many as are
+/// queued in one round trip; sends the rest through the Socket.io adapter. Returns the offset of
+/// the last event it logged.
 async fn append<A: Adapter>(
     io: SocketIo<A>,
     mut outgoing: mpsc::Receiver<Outgoing>,
@@ -225,38 +229,74 @@ async fn append<A: Adapter>(
 ) -> Option<Offset> {
     let mut stop = Some(stop);
     let mut last = None;
-    while let Some(out) = next_outgoing(&mut outgoing, &mut stop).await {
-        let Some(org) = out.org else {
-            crate::observe::emitted(out.label);
-            broadcast(
-                &io,
-                &out.rooms,
-                &out.event,
-                &out.payload,
-                Some(!health.is_up()),
-            )
-            .await;
-            continue;
-        };
-        // While Redis is away nothing can be logged or reach other nodes: this node's sockets
-        // get the event at once, without an offset (a client that reconnects later with an
-        // older offset finds it unknown and refetches).
-        if health.is_up() {
-            match log.append(&org, &out.event, &out.rooms, &out.payload).await {
-                Ok(offset) => {
-                    last = Some(offset);
-                    continue;
-                }
-                Err(e) => {
-                    health.mark_down();
-                    tracing::debug!(event = %out.event, error = %e, "logging to the cluster stream failed; delivered locally");
-                }
+    let mut queued = Vec::with_capacity(APPEND_MAX);
+    while let Some(first) = next_outgoing(&mut outgoing, &mut stop).await {
+        queued.push(first);
+        while queued.len() < APPEND_MAX {
+            match outgoing.try_recv() {
+                Ok(more) => queued.push(more),
+                Err(_) => break,
             }
         }
-        crate::observe::emitted(out.label);
-        broadcast(&io, &out.rooms, &out.event, &out.payload, Some(true)).await;
+        let mut rest = queued.drain(..).peekable();
+        while let Some(out) = rest.next() {
+            if out.org.is_none() {
+                crate::observe::emitted(out.label);
+                broadcast(
+                    &io,
+                    &out.rooms,
+                    &out.event,
+                    &out.payload,
+                    Some(!health.is_up()),
+                )
+                .await;
+                continue;
+            }
+            // A run of organisation events, appended together.
+            let mut run = vec![out];
+            while let Some(next) = rest.next_if(|o| o.org.is_some()) {
+                run.push(next);
+            }
+            if let Some(offset) = log_run(&io, &log, &health, run).await {
+                last = Some(offset);
+            }
+        }
     }
     last
+}
+
+/// Appends a run of organisation events; returns the last offset. While Redis is away nothing
+/// can be logged or reach other nodes: this node's sockets get the events at once, without an
+/// offset (a client that reconnects later with an older offset finds it unknown and refetches).
+async fn log_run<A: Adapter>(
+    io: &SocketIo<A>,
+    log: &RedisLog,
+    health: &RedisHealth,
+    run: Vec<Outgoing>,
+) -> Option<Offset> {
+    if health.is_up() {
+        let events: Vec<Logged<'_>> = run
+            .iter()
+            .map(|o| Logged {
+                org: o.org.as_deref().unwrap_or_default(),
+                event: &o.event,
+                rooms: &o.rooms,
+                payload: &o.payload,
+            })
+            .collect();
+        match log.append(&events).await {
+            Ok(offsets) => return offsets.last().copied(),
+            Err(e) => {
+                health.mark_down();
+                tracing::debug!(error = %e, "logging to the cluster stream failed; delivered locally");
+            }
+        }
+    }
+    for out in run {
+        crate::observe::emitted(out.label);
+        broadcast(io, &out.rooms, &out.event, &out.payload, Some(true)).await;
+    }
+    None
 }
 
 /// Broadcasts one event. `local`: `None` on a single node; `Some(true)` for this node's sockets

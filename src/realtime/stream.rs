@@ -37,17 +37,34 @@ const TAIL_COUNT: u64 = 1_000;
 /// How long one tail read waits for new entries (then it simply reads again).
 const TAIL_BLOCK_MS: u64 = 1_000;
 
+/// Appends `ARGV[1]` events: `KEYS[1]` is the cluster stream, `KEYS[i + 1]` the organisation
+/// stream of event `i`, whose organisation, name, rooms and payload are `ARGV[6 + 4(i-1) ..]`.
 const APPEND: &str = r#"
-local id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[5], '*',
-  'o', ARGV[1], 'e', ARGV[2], 'r', ARGV[3], 'p', ARGV[4])
-redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[6], id, 'e', ARGV[2], 'r', ARGV[3], 'p', ARGV[4])
-redis.call('XTRIM', KEYS[2], 'MINID', '~', ARGV[7])
-redis.call('PEXPIRE', KEYS[2], ARGV[8])
-return id
+local n = tonumber(ARGV[1])
+local ids = {}
+for i = 1, n do
+  local b = 5 + (i - 1) * 4
+  local id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[2], '*',
+    'o', ARGV[b + 1], 'e', ARGV[b + 2], 'r', ARGV[b + 3], 'p', ARGV[b + 4])
+  redis.call('XADD', KEYS[i + 1], 'MAXLEN', '~', ARGV[3], id,
+    'e', ARGV[b + 2], 'r', ARGV[b + 3], 'p', ARGV[b + 4])
+  redis.call('XTRIM', KEYS[i + 1], 'MINID', '~', ARGV[4])
+  redis.call('PEXPIRE', KEYS[i + 1], ARGV[5])
+  ids[i] = id
+end
+return ids
 "#;
 
 fn org_key(org: &str) -> String {
     format!("{GLOBAL}:{org}")
+}
+
+/// One event to log.
+pub struct Logged<'a> {
+    pub org: &'a str,
+    pub event: &'a str,
+    pub rooms: &'a [String],
+    pub payload: &'a RawValue,
 }
 
 /// Appends and replays; cheap to clone.
@@ -69,33 +86,37 @@ impl RedisLog {
         }
     }
 
-    /// Logs one event of `org`; every node's tail then delivers it.
-    pub async fn append(
-        &self,
-        org: &str,
-        event: &str,
-        rooms: &[String],
-        payload: &RawValue,
-    ) -> Result<Offset, fred::error::Error> {
-        let rooms = serde_json::to_string(rooms).unwrap_or_default();
+    /// Logs events, in order, in one round trip; every node's tail then delivers them.
+    pub async fn append(&self, events: &[Logged<'_>]) -> Result<Vec<Offset>, fred::error::Error> {
         let oldest = super::offset::now_ms().saturating_sub(self.window_ms);
-        let args: Vec<fred::types::Value> = vec![
-            org.into(),
-            event.into(),
-            rooms.into(),
-            payload.get().into(),
+        let mut keys = Vec::with_capacity(events.len() + 1);
+        keys.push(GLOBAL.to_string());
+        let mut args: Vec<fred::types::Value> = vec![
+            (events.len() as i64).into(),
             (GLOBAL_MAX_LEN as i64).into(),
             (self.max_events as i64).into(),
             oldest.to_string().into(),
             // The organisation's stream outlives its newest entry by one window.
             ((self.window_ms + 1_000) as i64).into(),
         ];
-        let id: String = self
+        for e in events {
+            keys.push(org_key(e.org));
+            args.push(e.org.into());
+            args.push(e.event.into());
+            args.push(serde_json::to_string(e.rooms).unwrap_or_default().into());
+            args.push(e.payload.get().into());
+        }
+        let ids: Vec<String> = self
             .script
-            .evalsha_with_reload(&self.client, vec![GLOBAL.to_string(), org_key(org)], args)
+            .evalsha_with_reload(&self.client, keys, args)
             .await?;
-        id.parse()
-            .map_err(|_| fred::error::Error::new(fred::error::ErrorKind::Parse, "bad stream id"))
+        ids.iter()
+            .map(|id| {
+                id.parse().map_err(|_| {
+                    fred::error::Error::new(fred::error::ErrorKind::Parse, "bad stream id")
+                })
+            })
+            .collect()
     }
 
     /// The events of `org` after `after` up to and including `upto` (where this node's
