@@ -21,7 +21,14 @@ import {
 } from '../lib/live';
 import { dismissToast, showAlertToast, toastFromAlert } from '../lib/toasts';
 import { RENEW_BEFORE_SECS, getToken, secondsLeft, tokenStatus } from '../lib/token';
-import type { Alert, ClientToServerEvents, ServerToClientEvents, SubscribeAck, SyncComplete } from '../types';
+import type {
+  Alert,
+  ClientToServerEvents,
+  HandshakeAuth,
+  ServerToClientEvents,
+  SubscribeAck,
+  SyncComplete,
+} from '../types';
 
 export type AppSocket = Socket<ServerToClientEvents, ClientToServerEvents>;
 export type ConnectionState = 'connected' | 'connecting' | 'disconnected';
@@ -104,12 +111,13 @@ export function RealtimeProvider({ children }: { children: ReactNode }) {
             sentToken.current = token;
             sentOffset.current = lastOffset.current;
             // With an offset, the gateway replays what we missed since it, then `sync:complete`.
-            cb(lastOffset.current ? { token, offset: lastOffset.current } : { token });
+            const auth: HandshakeAuth = lastOffset.current ? { token, offset: lastOffset.current } : { token };
+            cb(auth);
           },
           // No token at all: the handshake is refused and the paste-a-token screen shows.
           () => {
             sentOffset.current = null;
-            cb({ token: '' });
+            cb({ token: '' } satisfies HandshakeAuth);
           },
         );
       },
