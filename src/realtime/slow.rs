@@ -16,7 +16,7 @@
 //!    a full queue answers `InternalChannelFull`, and one with room answers a serialisation error
 //!    and releases the slot unused: nothing reaches the wire and nothing is encoded per
 //!    recipient. The [`sweep`] task probes this node's sockets every `every`, and at once when
-//!    the emitter reports a full queue ([`SlowConsumers::broadcast_failed`]). A socket full at
+//!    the emitter reports a full queue ([`broadcast_failed`]). A socket full at
 //!    every probe for `grace` is a slow consumer: one that drains a burst is left alone.
 //! 2. **Closing it anyway**: [`Listener`] wraps the gateway's TCP listener so that every
 //!    connection carries a [`Connection`] handle in the request's `ConnectInfo`, which engine.io
@@ -29,13 +29,13 @@
 //! An evicted socket first leaves all its rooms, so no broadcast spends time on it or reports it
 //! again; it is counted once (`sensorwire_slow_consumer_disconnects_total{client="socketio"}`).
 //!
-//! Wiring (the one place that builds the server):
+//! Wiring (the one place that builds the server, `lib.rs`):
 //! - `axum::serve(slow::Listener::new(listener), app.into_make_service_with_connect_info::<slow::Connection>())`
 //!   instead of `axum::serve(listener, app)`;
-//! - `let slow = SlowConsumers::new();` and `tokio::spawn(slow::sweep(io.clone(), slow.clone(),
-//!   SweepConfig::default(), stop))` next to the other pipeline tasks; `stop` resolves at shutdown.
-//! - In the emitter, after a broadcast returns `Err(e)`: `slow.broadcast_failed(&e)` (optional:
-//!   without it full sockets are still found by the periodic sweep, up to `every` later).
+//! - `tokio::spawn(slow::sweep(io.clone(), SweepConfig::default(), stop))` next to the other
+//!   pipeline tasks, `stop` resolving at shutdown;
+//! - optional, in the emitter where a broadcast returns `Err(e)`: `slow::broadcast_failed(&e)`.
+//!   Without it, full queues are still found by the periodic sweep, up to `every` later.
 
 use std::collections::{HashMap, HashSet};
 use std::future::Future;
@@ -76,26 +76,19 @@ impl Default for SweepConfig {
     }
 }
 
-/// The emitter's side: reports broadcasts that found a full queue, so the sweep looks at once.
-#[derive(Clone, Default)]
-pub struct SlowConsumers {
-    wake: Arc<Notify>,
-}
+/// Wakes every sweep of the process: broadcasts report full queues without carrying a handle.
+/// A wake that finds a sweep busy is lost, and harmless: the next tick looks anyway.
+static WAKE: Notify = Notify::const_new();
 
-impl SlowConsumers {
-    pub fn new() -> Self {
-        Self::default()
-    }
-
-    /// Call with any error a broadcast returned; only a full socket queue wakes the sweep.
-    pub fn broadcast_failed(&self, error: &BroadcastError) {
-        if let BroadcastError::Socket(errors) = error
-            && errors
-                .iter()
-                .any(|e| matches!(e, SocketError::InternalChannelFull))
-        {
-            self.wake.notify_one();
-        }
+/// The emitter's side: call with any error a broadcast returned; a full socket queue among its
+/// causes makes the sweep look now rather than at its next tick.
+pub fn broadcast_failed(error: &BroadcastError) {
+    if let BroadcastError::Socket(errors) = error
+        && errors
+            .iter()
+            .any(|e| matches!(e, SocketError::InternalChannelFull))
+    {
+        WAKE.notify_waiters();
     }
 }
 
@@ -130,7 +123,6 @@ pub fn probe<A: Adapter>(socket: &SocketRef<A>) -> Room {
 /// Probes this node's sockets until `stop` resolves; evicts those full for `grace`.
 pub async fn sweep<A: Adapter>(
     io: SocketIo<A>,
-    slow: SlowConsumers,
     config: SweepConfig,
     stop: impl Future<Output = ()>,
 ) {
@@ -142,7 +134,7 @@ pub async fn sweep<A: Adapter>(
         tokio::select! {
             _ = &mut stop => break,
             _ = tick.tick() => {}
-            _ = slow.wake.notified() => {}
+            _ = WAKE.notified() => {}
         }
         state.once(&io, config.grace, Instant::now());
     }
@@ -422,18 +414,19 @@ mod tests {
         assert_eq!(res.unwrap_err().kind(), io::ErrorKind::ConnectionAborted);
     }
 
-    #[test]
-    fn only_a_full_queue_wakes_the_sweep() {
-        let slow = SlowConsumers::new();
-        slow.broadcast_failed(&BroadcastError::Socket(vec![SocketError::Closed]));
-        assert!(
-            futures_util::FutureExt::now_or_never(slow.wake.notified()).is_none(),
-            "a closed socket is no reason to sweep"
-        );
-        slow.broadcast_failed(&BroadcastError::Socket(vec![
+    #[tokio::test]
+    async fn only_a_full_queue_wakes_the_sweep() {
+        let woken = |error: BroadcastError| {
+            let notified = WAKE.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            broadcast_failed(&error);
+            futures_util::FutureExt::now_or_never(notified).is_some()
+        };
+        assert!(!woken(BroadcastError::Socket(vec![SocketError::Closed])));
+        assert!(woken(BroadcastError::Socket(vec![
             SocketError::Closed,
             SocketError::InternalChannelFull,
-        ]));
-        assert!(futures_util::FutureExt::now_or_never(slow.wake.notified()).is_some());
+        ])));
     }
 }
