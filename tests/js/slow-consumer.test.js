@@ -5,8 +5,8 @@
 //
 // The stalled client is a raw engine.io WebSocket (ws) that completes the Socket.io handshake and
 // then stops reading its TCP socket (`ws._socket.pause()`), like a frozen tab. Storage plays no
-// part in this, so it runs on SQLite only. The engine.io heartbeat is set to a minute so that
-// only the slow-consumer mechanism can end the socket within the test's bound.
+// part in this, so it runs on SQLite only. The engine.io heartbeat is set to two minutes, well
+// past the test's bound, so that only the slow-consumer mechanism can end the socket in time.
 import assert from 'node:assert/strict';
 import { readFileSync } from 'node:fs';
 import { after, before, describe, it } from 'node:test';
@@ -18,7 +18,7 @@ import { assertEachOnce, collect, freshSite, ingest, ownDatabase, spawnGateway }
 const BUFFER = 16; // SOCKET_BUFFER_SIZE: packets queued per socket
 const READINGS_PER_REQUEST = 500; // one ~170 KB batch per unit and flush window
 const UNITS = 3;
-const EVICT_WITHIN_MS = 60_000; // from the pause: fill the kernel buffers, then the queue, then the grace
+const EVICT_WITHIN_MS = 45_000; // from the pause: fill the kernel buffers, then the queue, then the grace (~10 s)
 // What may flow to the organisation before the test stops, and how much the gateway may grow
 // meanwhile: the stalled socket's queue holds at most BUFFER batches (~3 MB), so RSS must not
 // follow the volume sent to it.
@@ -65,8 +65,8 @@ describe('slow consumers [sqlite]', () => {
         SOCKET_BUFFER_SIZE: String(BUFFER),
         FLUSH_INTERVAL_MS: '100',
         BATCH_MAX_READINGS: String(READINGS_PER_REQUEST),
-        SOCKET_PING_INTERVAL_MS: '60000',
-        SOCKET_PING_TIMEOUT_MS: '60000',
+        SOCKET_PING_INTERVAL_MS: '120000',
+        SOCKET_PING_TIMEOUT_MS: '120000',
       },
     });
   });
