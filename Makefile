@@ -37,3 +37,19 @@ test-web:
 # Regenerate proto/ after changing a type in src/wire.rs.
 proto:
 	cargo run -- proto
+
+# Performance (README "Performance"). Not part of `make test`: figures, not assertions.
+.PHONY: bench-load bench-load-quick bench-micro
+
+# The load harness: builds release binaries, starts its own gateways (SQLite, PostgreSQL, two
+# nodes over a private Redis), prints one JSON line per scenario. ARGS="--scenarios fanout" etc.
+bench-load:
+	bash bench/load.sh $(ARGS)
+
+# The same at small scale, about 2 minutes.
+bench-load-quick:
+	bash bench/load.sh --quick $(ARGS)
+
+# Criterion micro-benchmarks of validation, batch encoding and the alert state machine.
+bench-micro:
+	cargo bench --bench hot_paths

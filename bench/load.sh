@@ -1,0 +1,202 @@
+#!/usr/bin/env bash
+# The load harness in one command (`make bench-load`, or `bench/load.sh --quick`): builds the
+# release binaries, starts fresh gateways (and PostgreSQL databases and a private Redis where a
+# scenario needs them), runs sensorwire-loadgen against them and prints one JSON line per
+# scenario on stdout. Progress goes to stderr. See bench/README.md and README "Performance".
+#
+#   bench/load.sh [--quick] [--scenarios idle,fanout,ingest,two-node] [--out FILE]
+#                 [--no-build] [-- extra sensorwire-loadgen flags]
+#
+# Needs: cargo, PostgreSQL at $BENCH_POSTGRES_URL (default postgres://root@127.0.0.1:5432/test;
+# used only to CREATE and DROP a database per run) for ingest/postgres and two-node,
+# redis-server on PATH for two-node, sqlite3 and psql to check stored counts.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+QUICK=()
+SCENARIOS="idle,fanout,ingest,two-node"
+OUT=""
+BUILD=1
+EXTRA=()
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --quick) QUICK=(--quick) ;;
+    --scenarios|--scenario) SCENARIOS="$2"; shift ;;
+    --out) OUT="$2"; shift ;;
+    --no-build) BUILD=0 ;;
+    --) shift; EXTRA=("$@"); break ;;
+    -h|--help) sed -n '2,12p' "$0"; exit 0 ;;
+    *) echo "load.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
+  esac
+  shift
+done
+
+log() { echo "load.sh: $*" >&2; }
+
+TARGET_DIR="${CARGO_TARGET_DIR:-target}"
+if [ "$BUILD" = 1 ]; then
+  log "building release binaries (cargo build --release)"
+  cargo build --release --bin sensorwire --bin sensorwire-loadgen >&2
+fi
+BIN="$TARGET_DIR/release/sensorwire"
+LOADGEN="$TARGET_DIR/release/sensorwire-loadgen"
+[ -x "$BIN" ] && [ -x "$LOADGEN" ] || { log "missing $BIN or $LOADGEN"; exit 1; }
+
+# 10,000 sockets need 10,000 descriptors in the gateway and as many in the load generator.
+HARD=$(ulimit -Hn)
+if [ "$HARD" != unlimited ] && [ "$HARD" -lt 24000 ]; then
+  ulimit -n "$HARD"
+  log "open files limited to $HARD (hard limit); large --clients values may fail"
+else
+  ulimit -n 24000
+fi
+
+log "machine: $(nproc) CPU(s), $(lscpu | sed -n 's/^Model name:[[:space:]]*//p'), $(free -g | awk '/Mem:/{print $2}') GiB"
+
+WORK=$(mktemp -d "${TMPDIR:-/tmp}/sensorwire-load.XXXXXX")
+RESULTS="$WORK/results.jsonl"
+: > "$RESULTS"
+PG_ADMIN_URL="${BENCH_POSTGRES_URL:-postgres://root@127.0.0.1:5432/test}"
+SECRET=$(head -c 48 /dev/urandom | base64 | tr -dc 'A-Za-z0-9' | head -c 32)
+FLUSH_MS=1000
+PIDS=()       # every process this script started (gateways, Redis)
+DATABASES=()  # every PostgreSQL database it created
+STATUS=0
+
+cleanup() {
+  for pid in "${PIDS[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
+  for pid in "${PIDS[@]}"; do wait "$pid" 2>/dev/null || true; done
+  for db in "${DATABASES[@]}"; do
+    psql "$PG_ADMIN_URL" -qXc "DROP DATABASE IF EXISTS $db WITH (FORCE)" >/dev/null 2>&1 || true
+  done
+  rm -rf "$WORK"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+# new_pg_db: creates a fresh database; sets DB_NAME and DB_URL.
+new_pg_db() {
+  DB_NAME="swload_$(date +%s)_$RANDOM"
+  psql "$PG_ADMIN_URL" -qXc "CREATE DATABASE $DB_NAME" >/dev/null
+  DATABASES+=("$DB_NAME")
+  DB_URL="${PG_ADMIN_URL%/*}/$DB_NAME"
+}
+
+drop_pg_db() {
+  psql "$PG_ADMIN_URL" -qXc "DROP DATABASE IF EXISTS $1 WITH (FORCE)" >/dev/null 2>&1 || true
+}
+
+free_port() {
+  local p
+  while :; do
+    p=$((20000 + RANDOM % 40000))
+    if ! (exec 3<>"/dev/tcp/127.0.0.1/$p") 2>/dev/null; then echo "$p"; return; fi
+  done
+}
+
+# start_gateway NAME DATABASE_URL [REDIS_URL]: sets GW_PID and GW_URL.
+start_gateway() {
+  local name=$1 db=$2 redis=${3:-}
+  local out="$WORK/$name.out"
+  # Limits raised for load: the harness's devices and dashboards are many per organisation.
+  env HOST=127.0.0.1 PORT=0 DATABASE_URL="$db" JWT_SECRET="$SECRET" RUST_LOG=warn \
+    FLUSH_INTERVAL_MS=$FLUSH_MS \
+    INGEST_PER_SECOND_PER_KEY=100000 INGEST_PER_SECOND_PER_ORG=100000 \
+    MAX_CONNECTIONS_PER_USER=1000 HANDSHAKE_TIMEOUT_SECS=60 \
+    WEB_DIR="$WORK/no-web" ${redis:+REDIS_URL="$redis"} \
+    "$BIN" serve >"$out" 2>"$WORK/$name.err" &
+  GW_PID=$!
+  PIDS+=("$GW_PID")
+  GW_URL=""
+  for _ in $(seq 1 300); do
+    GW_URL=$(sed -n 's/.*listening on \(http:\/\/[0-9.:]*\).*/\1/p' "$out" | head -1)
+    [ -n "$GW_URL" ] && break
+    kill -0 "$GW_PID" 2>/dev/null || { log "gateway $name died:"; cat "$WORK/$name.err" >&2; return 1; }
+    sleep 0.1
+  done
+  [ -n "$GW_URL" ] || { log "gateway $name did not start"; return 1; }
+  log "gateway $name pid $GW_PID at $GW_URL ($db)"
+}
+
+stop_pid() {
+  local pid=$1
+  kill -TERM "$pid" 2>/dev/null || return 0
+  for _ in $(seq 1 150); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+  kill -KILL "$pid" 2>/dev/null || true
+  wait "$pid" 2>/dev/null || true
+}
+
+# Shows the gateway's warnings and errors of a run, if any (stderr, at most 20 lines).
+gateway_log() {
+  local f="$WORK/$1.err"
+  [ -s "$f" ] && { log "gateway $1 stderr (last lines):"; tail -n 20 "$f" >&2; } || true
+}
+
+loadgen() {
+  local line
+  if line=$("$LOADGEN" --jwt-secret "$SECRET" --flush-interval-ms "$FLUSH_MS" "${QUICK[@]}" "$@" "${EXTRA[@]}"); then
+    echo "$line"
+    echo "$line" >> "$RESULTS"
+  else
+    log "loadgen failed: $*"
+    STATUS=1
+  fi
+}
+
+run_sqlite() { # SCENARIO
+  local db="$WORK/$1.db"
+  start_gateway "$1" "sqlite:$db"
+  loadgen --scenario "$1" --url "$GW_URL" --server-pid "$GW_PID" --engine sqlite \
+    --verify-cmd "sqlite3 $db 'select count(*) from readings'"
+  stop_pid "$GW_PID"
+  gateway_log "$1"
+}
+
+run_postgres() { # SCENARIO NAME
+  new_pg_db
+  start_gateway "$2" "$DB_URL"
+  loadgen --scenario "$1" --url "$GW_URL" --server-pid "$GW_PID" --engine postgres \
+    --verify-cmd "psql '$DB_URL' -AtXc 'select count(*) from readings'"
+  stop_pid "$GW_PID"
+  gateway_log "$2"
+  drop_pg_db "$DB_NAME"
+}
+
+run_two_node() {
+  # The one-node baseline on the same engine first, then two nodes sharing Redis.
+  run_postgres fanout fanout-pg
+  new_pg_db
+  local port
+  port=$(free_port)
+  redis-server --port "$port" --bind 127.0.0.1 --save "" --appendonly no >"$WORK/redis.log" 2>&1 &
+  local redis_pid=$!
+  PIDS+=("$redis_pid")
+  for _ in $(seq 1 50); do (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && break; sleep 0.1; done
+  start_gateway node1 "$DB_URL" "redis://127.0.0.1:$port"
+  local pid1=$GW_PID url1=$GW_URL
+  start_gateway node2 "$DB_URL" "redis://127.0.0.1:$port"
+  local pid2=$GW_PID url2=$GW_URL
+  loadgen --scenario two-node --url "$url1,$url2" --server-pid "$pid1,$pid2" --redis-pid "$redis_pid" \
+    --engine postgres --baseline "$RESULTS" \
+    --verify-cmd "psql '$DB_URL' -AtXc 'select count(*) from readings'"
+  stop_pid "$pid1"
+  stop_pid "$pid2"
+  stop_pid "$redis_pid"
+  gateway_log node1
+  gateway_log node2
+  drop_pg_db "$DB_NAME"
+}
+
+IFS=',' read -ra WANT <<< "$SCENARIOS"
+for s in "${WANT[@]}"; do
+  case "$s" in
+    idle) run_sqlite idle ;;
+    fanout) run_sqlite fanout ;;
+    ingest) run_sqlite ingest; run_postgres ingest ingest-pg ;;
+    two-node) run_two_node ;;
+    *) log "unknown scenario $s (idle, fanout, ingest, two-node)"; STATUS=2 ;;
+  esac
+done
+
+[ -n "$OUT" ] && cp "$RESULTS" "$OUT"
+exit "$STATUS"
