@@ -305,7 +305,7 @@ export type PublishRequest = {
  */
 event: string, 
 /**
- * Any JSON value.
+ * Any JSON value (an object gets the event's `offset` added).
  */
 data: unknown, 
 /**

@@ -592,9 +592,8 @@ pub enum WsServerMessage {
 pub struct PublishRequest {
     /// The event name; `sensor:*`, `alert:*`, `unit:*`, `auth:*`, `sync:*` and `error` are reserved.
     pub event: String,
-    /// Any JSON value.
+    /// Any JSON value (an object gets the event's `offset` added).
     #[ts(type = "unknown")]
-    #[schema(value_type = Object)]
     pub data: serde_json::Value,
     /// `org`, `site:{id}`, `unit:{id}` or `user:{sub}`.
     pub room: String,
