@@ -10,6 +10,8 @@
 # Needs: cargo, PostgreSQL at $BENCH_POSTGRES_URL (default postgres://root@127.0.0.1:5432/test;
 # used only to CREATE and DROP a database per run) for ingest/postgres and two-node,
 # redis-server on PATH for two-node, sqlite3 and psql to check stored counts.
+# SENSORWIRE_BIN / LOADGEN_BIN (with --no-build) run other binaries, e.g. a profiling build.
+# PROFILE_DIR=dir records every single-gateway run with `perf record -g` into dir/NAME.perf.data.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -36,10 +38,10 @@ log() { echo "load.sh: $*" >&2; }
 TARGET_DIR="${CARGO_TARGET_DIR:-target}"
 if [ "$BUILD" = 1 ]; then
   log "building release binaries (cargo build --release)"
-  cargo build --release --bin sensorwire --bin sensorwire-loadgen >&2
+  cargo build --release --workspace --bins >&2
 fi
-BIN="$TARGET_DIR/release/sensorwire"
-LOADGEN="$TARGET_DIR/release/sensorwire-loadgen"
+BIN="${SENSORWIRE_BIN:-$TARGET_DIR/release/sensorwire}"
+LOADGEN="${LOADGEN_BIN:-$TARGET_DIR/release/sensorwire-loadgen}"
 [ -x "$BIN" ] && [ -x "$LOADGEN" ] || { log "missing $BIN or $LOADGEN"; exit 1; }
 
 # 10,000 sockets need 10,000 descriptors in the gateway and as many in the load generator.
@@ -143,11 +145,27 @@ loadgen() {
   fi
 }
 
+# perf_start NAME PID / perf_stop: profile a gateway while the load runs (PROFILE_DIR set).
+perf_start() {
+  PERF_PID=""
+  [ -n "${PROFILE_DIR:-}" ] || return 0
+  mkdir -p "$PROFILE_DIR"
+  perf record -F 499 -g -o "$PROFILE_DIR/$1.perf.data" -p "$2" >/dev/null 2>&1 &
+  PERF_PID=$!
+}
+perf_stop() {
+  [ -n "${PERF_PID:-}" ] || return 0
+  kill -INT "$PERF_PID" 2>/dev/null || true
+  wait "$PERF_PID" 2>/dev/null || true
+}
+
 run_sqlite() { # SCENARIO
   local db="$WORK/$1.db"
   start_gateway "$1" "sqlite:$db"
+  perf_start "$1" "$GW_PID"
   loadgen --scenario "$1" --url "$GW_URL" --server-pid "$GW_PID" --engine sqlite \
     --verify-cmd "sqlite3 $db 'select count(*) from readings'"
+  perf_stop
   stop_pid "$GW_PID"
   gateway_log "$1"
 }
@@ -155,8 +173,10 @@ run_sqlite() { # SCENARIO
 run_postgres() { # SCENARIO NAME
   new_pg_db
   start_gateway "$2" "$DB_URL"
+  perf_start "$2" "$GW_PID"
   loadgen --scenario "$1" --url "$GW_URL" --server-pid "$GW_PID" --engine postgres \
     --verify-cmd "psql '$DB_URL' -AtXc 'select count(*) from readings'"
+  perf_stop
   stop_pid "$GW_PID"
   gateway_log "$2"
   drop_pg_db "$DB_NAME"
