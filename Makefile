@@ -1,5 +1,5 @@
 # The two commands of the README: `make run` and `make test`.
-.PHONY: run serve web test test-rust test-js test-web lint proto
+.PHONY: run serve web test test-rust test-js test-web lint proto fuzz
 
 WEB_SOURCES := $(shell find web/src web/index.html web/package.json web/vite.config.* proto/index.ts -type f 2>/dev/null)
 
@@ -17,7 +17,7 @@ web/dist/index.html: $(WEB_SOURCES) web/package-lock.json
 
 # Every test: fmt and clippy, Rust unit and integration tests, the socket.io-client conformance
 # suite (SQLite and PostgreSQL, several nodes over Redis), and the dashboard in Chromium.
-test: lint test-rust test-js test-web
+test: lint test-rust test-js test-web fuzz
 
 lint:
 	cargo fmt --check
@@ -33,6 +33,14 @@ test-js:
 test-web:
 	cargo build
 	cd web && npm ci --no-audit --no-fund --loglevel=error && npm test
+
+# The ingest body parser and validator under libFuzzer (cargo-fuzz, nightly) for FUZZ_SECONDS.
+# New inputs go to fuzz/corpus/ (not in git); a crash is saved under fuzz/artifacts/ and fails.
+FUZZ_SECONDS ?= 60
+fuzz:
+	mkdir -p fuzz/corpus/ingest_body
+	cargo +nightly fuzz run ingest_body fuzz/corpus/ingest_body fuzz/seeds/ingest_body -- \
+		-max_total_time=$(FUZZ_SECONDS) -dict=fuzz/ingest.dict
 
 # Regenerate proto/ after changing a type in src/wire.rs.
 proto:
