@@ -30,20 +30,39 @@ fuzz_target!(|data: &[u8]| {
             let items = items.expect("accepted a body without a readings array");
             assert!(!readings.is_empty(), "accepted an empty request");
             assert!(readings.len() <= MAX_READINGS, "accepted over the cap");
-            assert_eq!(readings.len(), items.len(), "all or nothing: a reading went missing");
+            assert_eq!(
+                readings.len(),
+                items.len(),
+                "all or nothing: a reading went missing"
+            );
             for (r, item) in readings.iter().zip(items) {
-                let item = item.as_object().expect("accepted a reading that is not an object");
-                assert_eq!(item.get("unitId").and_then(Value::as_str), Some(r.unit_id.as_str()));
-                assert!(sensorwire::auth::valid_id(&r.unit_id), "bad unit id {:?}", r.unit_id);
+                let item = item
+                    .as_object()
+                    .expect("accepted a reading that is not an object");
+                assert_eq!(
+                    item.get("unitId").and_then(Value::as_str),
+                    Some(r.unit_id.as_str())
+                );
+                assert!(
+                    sensorwire::auth::valid_id(&r.unit_id),
+                    "bad unit id {:?}",
+                    r.unit_id
+                );
                 assert!(
                     r.temperature.is_finite() && (-273.15..=1000.0).contains(&r.temperature),
                     "temperature {} out of bounds",
                     r.temperature
                 );
-                assert_eq!(item.get("temperature").and_then(Value::as_f64), Some(r.temperature));
+                assert_eq!(
+                    item.get("temperature").and_then(Value::as_f64),
+                    Some(r.temperature)
+                );
                 for (name, v) in [("humidity", r.humidity), ("battery", r.battery)] {
                     if let Some(v) = v {
-                        assert!(v.is_finite() && (0.0..=100.0).contains(&v), "{name} {v} out of bounds");
+                        assert!(
+                            v.is_finite() && (0.0..=100.0).contains(&v),
+                            "{name} {v} out of bounds"
+                        );
                     }
                 }
                 if let Some(s) = r.signal_strength {
@@ -60,7 +79,11 @@ fuzz_target!(|data: &[u8]| {
                     .expect("format_time output is not RFC 3339");
                 assert_eq!(back.timestamp_millis(), r.recorded_at, "{shown}");
                 assert!(printable(&r.source, 64), "source {:?}", r.source);
-                assert!(r.device_id.is_empty() || printable(&r.device_id, 128), "deviceId {:?}", r.device_id);
+                assert!(
+                    r.device_id.is_empty() || printable(&r.device_id, 128),
+                    "deviceId {:?}",
+                    r.device_id
+                );
             }
         }
         Err(Invalid::TooMany { count, max }) => {
