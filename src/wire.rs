@@ -10,6 +10,15 @@ use serde::{Deserialize, Serialize};
 use ts_rs::TS;
 use utoipa::ToSchema;
 
+/// Checks a caller-supplied site or unit id: 1–64 chars of `[A-Za-z0-9_.:-]`.
+pub fn valid_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= 64
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b':' | b'-'))
+}
+
 /// Formats epoch milliseconds the way the contract wants times: `2026-01-02T03:04:05.678Z`.
 pub fn format_time(ms: i64) -> String {
     DateTime::<Utc>::from_timestamp_millis(ms)

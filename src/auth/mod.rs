@@ -55,14 +55,7 @@ impl Caller {
     }
 }
 
-/// Checks a caller-supplied site or unit id: 1–64 chars of `[A-Za-z0-9_.:-]`.
-pub fn valid_id(id: &str) -> bool {
-    !id.is_empty()
-        && id.len() <= 64
-        && id
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b':' | b'-'))
-}
+pub use crate::wire::valid_id;
 
 #[cfg(test)]
 mod tests {

@@ -5,8 +5,7 @@
 
 use serde_json::{Map, Value};
 
-use crate::auth::valid_id;
-use crate::wire::FieldError;
+use crate::wire::{FieldError, valid_id};
 
 /// How far in the future a `recordedAt` may be.
 pub const MAX_FUTURE_MS: i64 = 5 * 60 * 1000;
