@@ -171,6 +171,7 @@ async fn serve<A: Adapter>(
     let (to_fanout, fanout_rx) = mpsc::channel(1024);
     let (to_monitor, monitor_rx) = mpsc::channel(1024);
     let (stop, stopped) = watch::channel(false);
+    let mut sweep_stop = stopped.clone();
     let (ingest, writer) = ingest::Ingest::start(
         store.clone(),
         l.ingest_queue,
@@ -226,6 +227,13 @@ async fn serve<A: Adapter>(
     ));
     let monitor = monitor::Monitor::new(store.clone(), units.clone(), outbox.clone(), bus.clone());
     let monitor = tokio::spawn(monitor.run(monitor_rx, Duration::from_millis(l.offline_sweep_ms)));
+    tokio::spawn(realtime::slow::sweep(
+        io.clone(),
+        realtime::slow::SweepConfig::default(),
+        async move {
+            sweep_stop.wait_for(|s| *s).await.ok();
+        },
+    ));
 
     let state = http::AppState {
         config: config.clone(),
@@ -268,12 +276,16 @@ async fn serve<A: Adapter>(
         closing_io.close().await;
         drained.send(()).ok();
     });
-    axum::serve(listener, app)
-        .with_graceful_shutdown(async {
-            on_drained.await.ok();
-        })
-        .await
-        .context("serving")?;
+    // Connections that the slow-consumer sweep can end (see `realtime::slow`).
+    axum::serve(
+        realtime::slow::Listener::new(listener),
+        app.into_make_service_with_connect_info::<realtime::slow::Connection>(),
+    )
+    .with_graceful_shutdown(async {
+        on_drained.await.ok();
+    })
+    .await
+    .context("serving")?;
     drain.await.ok();
     store.close().await;
     tracing::info!("stopped");

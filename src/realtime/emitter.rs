@@ -322,7 +322,13 @@ async fn broadcast<A: Adapter>(
         other => other,
     };
     if let Err(e) = result {
-        tracing::warn!(event, error = %e, "broadcast did not reach every socket");
+        // A full socket queue is a client that stopped reading: the slow-consumer sweep finds
+        // and closes it (and is woken now); anything else is worth a line.
+        super::slow::broadcast_failed(&e);
+        if !matches!(&e, BroadcastError::Socket(errors) if errors.iter().all(|e| matches!(e, SocketError::InternalChannelFull)))
+        {
+            tracing::warn!(event, error = %e, "broadcast did not reach every socket");
+        }
     }
 }
 
@@ -334,6 +340,7 @@ async fn drain_then_resume<A: Adapter>(
     again: Command,
     requeue: mpsc::Sender<Command>,
 ) {
+    socket.extensions.insert(super::slow::Replaying);
     for e in &events {
         let mut waited = Duration::ZERO;
         loop {
@@ -355,6 +362,7 @@ async fn drain_then_resume<A: Adapter>(
             }
         }
     }
+    socket.extensions.remove::<super::slow::Replaying>();
     requeue.send(again).await.ok();
 }
 

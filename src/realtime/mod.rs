@@ -16,6 +16,7 @@ pub mod outbox;
 mod reply;
 pub mod rooms;
 mod session;
+pub mod slow;
 pub mod stream;
 
 use std::sync::Arc;
@@ -204,13 +205,6 @@ async fn on_disconnect<A: Adapter>(
 ) {
     session.end();
     crate::observe::socket_disconnected(transport_label(session.transport()));
-    // A client that stops reading fills its outgoing buffer (`SOCKET_BUFFER_SIZE` packets, so
-    // server memory stays bounded); from then on nothing more is queued for it, and at the next
-    // heartbeat engine.io cannot even queue its ping and closes it — as it does a client whose
-    // network stalled and who answers no ping. Both are clients that do not read.
-    if matches!(reason, DisconnectReason::HeartbeatTimeout) {
-        crate::observe::slow_consumer("socketio");
-    }
     tracing::info!(sid = %s.id, ?reason, "socket disconnected");
 }
 

@@ -70,7 +70,7 @@ pub struct SweepConfig {
 impl Default for SweepConfig {
     fn default() -> Self {
         SweepConfig {
-            every: Duration::from_millis(500),
+            every: Duration::from_secs(1),
             grace: Duration::from_secs(2),
         }
     }
@@ -91,6 +91,11 @@ pub fn broadcast_failed(error: &BroadcastError) {
         WAKE.notify_waiters();
     }
 }
+
+/// Marks a socket whose missed events are being sent (see `emitter.rs`): its queue is full by
+/// design while the client catches up.
+#[derive(Clone, Copy, Debug)]
+pub struct Replaying;
 
 /// What a socket's outgoing queue looks like right now.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -134,7 +139,11 @@ pub async fn sweep<A: Adapter>(
         tokio::select! {
             _ = &mut stop => break,
             _ = tick.tick() => {}
-            _ = WAKE.notified() => {}
+            _ = WAKE.notified() => {
+                // Every broadcast to a stalled client wakes us: look at most four times a
+                // second, since each look probes every socket of the node.
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
         }
         state.once(&io, config.grace, Instant::now());
     }
@@ -155,6 +164,11 @@ impl Sweep {
         let mut seen = HashSet::with_capacity(self.full_since.len() + self.evicted.len());
         for socket in sockets {
             let sid = socket.id;
+            // A replay fills the queue at the pace the client reads, on purpose; it gives up on
+            // a client that stops reading by itself.
+            if socket.extensions.get::<Replaying>().is_some() {
+                continue;
+            }
             let room = probe(&socket);
             if self.evicted.contains(&sid) {
                 seen.insert(sid);
