@@ -11,7 +11,10 @@
 # used only to CREATE and DROP a database per run) for ingest/postgres and two-node,
 # redis-server on PATH for two-node, sqlite3 and psql to check stored counts.
 # SENSORWIRE_BIN / LOADGEN_BIN (with --no-build) run other binaries, e.g. a profiling build.
-# PROFILE_DIR=dir records every single-gateway run with `perf record -g` into dir/NAME.perf.data.
+# FLUSH_INTERVAL_MS sets the gateways' flush interval (default 1000); GATEWAY_ENV="K=V ..." adds
+# settings to every gateway (e.g. GATEWAY_ENV="SOCKET_BUFFER_SIZE=64").
+# PROFILE_DIR=dir records every single-gateway run with `perf record --call-graph dwarf` into
+# dir/NAME.perf.data (PERF_FREQ samples per second, default 199).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -60,7 +63,7 @@ RESULTS="$WORK/results.jsonl"
 : > "$RESULTS"
 PG_ADMIN_URL="${BENCH_POSTGRES_URL:-postgres://root@127.0.0.1:5432/test}"
 SECRET=$(head -c 48 /dev/urandom | base64 | tr -dc 'A-Za-z0-9' | head -c 32)
-FLUSH_MS=1000
+FLUSH_MS="${FLUSH_INTERVAL_MS:-1000}"
 PIDS=()       # every process this script started (gateways, Redis)
 DATABASES=()  # every PostgreSQL database it created
 STATUS=0
@@ -105,7 +108,7 @@ start_gateway() {
     FLUSH_INTERVAL_MS=$FLUSH_MS \
     INGEST_PER_SECOND_PER_KEY=100000 INGEST_PER_SECOND_PER_ORG=100000 \
     MAX_CONNECTIONS_PER_USER=1000 HANDSHAKE_TIMEOUT_SECS=60 \
-    WEB_DIR="$WORK/no-web" ${redis:+REDIS_URL="$redis"} \
+    WEB_DIR="$WORK/no-web" ${redis:+REDIS_URL="$redis"} ${GATEWAY_ENV:-} \
     "$BIN" serve >"$out" 2>"$WORK/$name.err" &
   GW_PID=$!
   PIDS+=("$GW_PID")
@@ -150,7 +153,8 @@ perf_start() {
   PERF_PID=""
   [ -n "${PROFILE_DIR:-}" ] || return 0
   mkdir -p "$PROFILE_DIR"
-  perf record -F 499 -g -o "$PROFILE_DIR/$1.perf.data" -p "$2" >/dev/null 2>&1 &
+  # Release builds have no frame pointers: unwind with DWARF (.eh_frame), at a modest rate.
+  perf record -F "${PERF_FREQ:-199}" --call-graph dwarf,16384 -o "$PROFILE_DIR/$1.perf.data" -p "$2" >/dev/null 2>&1 &
   PERF_PID=$!
 }
 perf_stop() {
