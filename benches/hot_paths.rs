@@ -40,7 +40,7 @@ fn reading(i: usize) -> SensorReading {
         unit_id: "u-0042".into(),
         device_id: Some(format!("dev-{}", i % 10)),
         temperature: 4.25 + (i % 5) as f64 * 0.1,
-        humidity: (i % 2 == 0).then_some(55.5),
+        humidity: i.is_multiple_of(2).then_some(55.5),
         battery: None,
         signal_strength: Some(-67.0),
         recorded_at: format_time(NOW + i as i64 * 200),
