@@ -24,7 +24,7 @@ fn ingest_body(n: usize) -> Value {
                 "recordedAt": format_time(NOW - 1_000 + i as i64),
                 "deviceId": format!("dev-{}", i % 10),
             });
-            if i % 2 == 0 {
+            if i.is_multiple_of(2) {
                 r["humidity"] = json!(55.5);
                 r["battery"] = json!(88);
             }

@@ -194,6 +194,12 @@ async fn commit(
         "group committed"
     );
     let mut offset = 0;
+    // One clock read for the whole group: every row of it became durable at the same commit.
+    let committed_at = Instant::now();
+    // Every request of the group is acknowledged before anything is handed downstream: the rows
+    // are durable now, and a full downstream queue (which the hand-over below waits on) must not
+    // hold back the answers of the group's later requests.
+    let mut handed = Vec::with_capacity(jobs.len());
     for job in jobs {
         let n = job.readings.len();
         let mine = outcomes[offset..offset + n].to_vec();
@@ -205,7 +211,7 @@ async fn commit(
             .zip(&mine)
             .filter(|(_, (_, new))| *new)
             .map(|((r, site_id), (id, _))| Stored {
-                committed_at: Instant::now(),
+                committed_at,
                 site_id,
                 recorded_at: r.recorded_at,
                 reading: SensorReading {
@@ -221,20 +227,22 @@ async fn commit(
                 },
             })
             .collect();
-        // Acknowledge first: the rows are durable now, whatever happens downstream.
         job.reply.send(Ok(mine)).ok();
         if stored.is_empty() {
             continue;
         }
         let now = buffered.fetch_add(stored.len(), Ordering::Relaxed) + stored.len();
         crate::observe::buffered(now);
-        let committed = Arc::new(Committed {
-            committed_at: Instant::now(),
+        handed.push(Arc::new(Committed {
+            committed_at,
             org_id: job.org_id,
             readings: stored,
-        });
+        }));
+    }
+    // In commit order. Waiting here is the backpressure: a slow stage stops the next commit, the
+    // queue fills, and ingest answers 503.
+    for committed in handed {
         for tx in downstream {
-            // Waiting here is the backpressure: a slow stage fills the queue, and ingest answers 503.
             tx.send(committed.clone()).await.ok();
         }
     }

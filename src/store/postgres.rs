@@ -17,7 +17,7 @@ pub(super) async fn connect(url: &str) -> Result<PgPool, sqlx::Error> {
         .await
 }
 
-use super::readings::{ReadingKey, StoredKey, latest_per_unit};
+use super::readings::{StoredKey, latest_per_unit};
 use crate::ingest::NewReading;
 
 const INSERT: &str = "INSERT INTO readings (org_id, unit_id, device_id, temperature, humidity, \
@@ -44,17 +44,20 @@ const TOUCH_UNITS: &str = "UPDATE units SET \
 pub(super) async fn commit(
     pool: &PgPool,
     unique: &[(&str, &NewReading)],
-    all_keys: &[ReadingKey],
+    all: &[(&str, &NewReading)],
     received_at: i64,
 ) -> Result<(Vec<StoredKey>, Vec<StoredKey>), sqlx::Error> {
-    let col = |f: fn(&(&str, &NewReading)) -> String| unique.iter().map(f).collect::<Vec<_>>();
+    // Text columns are bound as borrowed `&str` arrays: no copy of every string per reading.
+    let col = |f: for<'a> fn(&'a (&'a str, &'a NewReading)) -> &'a str| {
+        unique.iter().map(f).collect::<Vec<&str>>()
+    };
     let num =
         |f: fn(&NewReading) -> Option<f64>| unique.iter().map(|(_, r)| f(r)).collect::<Vec<_>>();
     let mut tx = pool.begin().await?;
     let inserted: Vec<StoredKey> = sqlx::query_as(INSERT)
-        .bind(col(|(o, _)| o.to_string()))
-        .bind(col(|(_, r)| r.unit_id.clone()))
-        .bind(col(|(_, r)| r.device_id.clone()))
+        .bind(col(|(o, _)| o))
+        .bind(col(|(_, r)| &r.unit_id))
+        .bind(col(|(_, r)| &r.device_id))
         .bind(
             unique
                 .iter()
@@ -70,37 +73,20 @@ pub(super) async fn commit(
                 .map(|(_, r)| r.recorded_at)
                 .collect::<Vec<_>>(),
         )
-        .bind(col(|(_, r)| r.source.clone()))
+        .bind(col(|(_, r)| &r.source))
         .bind(received_at)
         .fetch_all(&mut *tx)
         .await?;
-    let existing = if inserted.len() < all_keys.len() {
+    let existing = if inserted.len() < all.len() {
+        let text = |f: for<'a> fn(&'a (&'a str, &'a NewReading)) -> &'a str| {
+            all.iter().map(f).collect::<Vec<&str>>()
+        };
         sqlx::query_as(EXISTING)
-            .bind(
-                all_keys
-                    .iter()
-                    .map(|k| k.org_id.clone())
-                    .collect::<Vec<_>>(),
-            )
-            .bind(
-                all_keys
-                    .iter()
-                    .map(|k| k.unit_id.clone())
-                    .collect::<Vec<_>>(),
-            )
-            .bind(all_keys.iter().map(|k| k.recorded_at).collect::<Vec<_>>())
-            .bind(
-                all_keys
-                    .iter()
-                    .map(|k| k.device_id.clone())
-                    .collect::<Vec<_>>(),
-            )
-            .bind(
-                all_keys
-                    .iter()
-                    .map(|k| k.source.clone())
-                    .collect::<Vec<_>>(),
-            )
+            .bind(text(|(o, _)| o))
+            .bind(text(|(_, r)| &r.unit_id))
+            .bind(all.iter().map(|(_, r)| r.recorded_at).collect::<Vec<_>>())
+            .bind(text(|(_, r)| &r.device_id))
+            .bind(text(|(_, r)| &r.source))
             .fetch_all(&mut *tx)
             .await?
     } else {

@@ -31,7 +31,7 @@ pub(super) async fn connect(url: &str) -> Result<SqlitePool, sqlx::Error> {
         .await
 }
 
-use super::readings::{ReadingKey, StoredKey, latest_per_unit};
+use super::readings::{StoredKey, latest_per_unit};
 use crate::ingest::NewReading;
 
 const INSERT: &str = "INSERT INTO readings (org_id, unit_id, device_id, temperature, humidity, \
@@ -57,7 +57,7 @@ const TOUCH_UNITS: &str = "UPDATE units SET \
 pub(super) async fn commit(
     pool: &SqlitePool,
     unique: &[(&str, &NewReading)],
-    all_keys: &[ReadingKey],
+    all: &[(&str, &NewReading)],
     received_at: i64,
 ) -> Result<(Vec<StoredKey>, Vec<StoredKey>), sqlx::Error> {
     let rows: Vec<_> = unique
@@ -83,18 +83,10 @@ pub(super) async fn commit(
         .bind(received_at)
         .fetch_all(&mut *tx)
         .await?;
-    let existing = if inserted.len() < all_keys.len() {
-        let keys: Vec<_> = all_keys
+    let existing = if inserted.len() < all.len() {
+        let keys: Vec<_> = all
             .iter()
-            .map(|k| {
-                (
-                    &k.org_id,
-                    &k.unit_id,
-                    k.recorded_at,
-                    &k.device_id,
-                    &k.source,
-                )
-            })
+            .map(|(org, r)| (org, &r.unit_id, r.recorded_at, &r.device_id, &r.source))
             .collect();
         let json = serde_json::to_string(&keys).map_err(|e| sqlx::Error::Encode(e.into()))?;
         sqlx::query_as(EXISTING)
