@@ -59,6 +59,9 @@ fn org_key(org: &str) -> String {
     format!("{GLOBAL}:{org}")
 }
 
+/// A stream entry as Redis gives it: its id and its fields.
+type StreamEntry = (String, HashMap<String, String>);
+
 /// One event to log.
 pub struct Logged<'a> {
     pub org: &'a str,
@@ -131,7 +134,7 @@ impl RedisLog {
         if after > upto || after.ms < super::offset::now_ms().saturating_sub(self.window_ms) {
             return Ok(Replay::Lost);
         }
-        let raw: Vec<(String, HashMap<String, String>)> = self
+        let raw: Vec<StreamEntry> = self
             .client
             .xrange(org_key(org), after.to_string(), upto.to_string(), None)
             .await?;
@@ -160,6 +163,15 @@ fn decode(id: &str, mut fields: HashMap<String, String>) -> Option<(Option<Strin
     ))
 }
 
+/// The entries of an `XREAD` answer; a block that timed out answers nil: nothing new.
+fn entries_of(value: fred::types::Value) -> Result<Vec<StreamEntry>, fred::error::Error> {
+    if value.is_null() {
+        return Ok(Vec::new());
+    }
+    let mut streams: HashMap<String, Vec<StreamEntry>> = value.into_xread_response()?;
+    Ok(streams.remove(GLOBAL).unwrap_or_default())
+}
+
 /// What the tail hands the node's delivery loop, in stream order.
 pub enum Tailed {
     /// Where the stream ended when the tail started: this node delivers what comes after.
@@ -172,7 +184,7 @@ pub enum Tailed {
 pub async fn tail(client: fred::clients::Client, deliver: tokio::sync::mpsc::Sender<Tailed>) {
     let mut from = loop {
         match client
-            .xrevrange::<Vec<(String, HashMap<String, String>)>, _, _, _>(GLOBAL, "+", "-", Some(1))
+            .xrevrange::<Vec<StreamEntry>, _, _, _>(GLOBAL, "+", "-", Some(1))
             .await
         {
             Ok(last) => {
@@ -195,16 +207,17 @@ pub async fn tail(client: fred::clients::Client, deliver: tokio::sync::mpsc::Sen
     loop {
         let read = tokio::time::timeout(
             Duration::from_millis(TAIL_BLOCK_MS + 2_000),
-            client.xread_map::<String, String, String, String, _, _>(
+            client.xread::<fred::types::Value, _, _>(
                 Some(TAIL_COUNT),
                 Some(TAIL_BLOCK_MS),
                 GLOBAL,
                 from.to_string(),
             ),
         )
-        .await;
+        .await
+        .map(|r| r.and_then(entries_of));
         let entries = match read {
-            Ok(Ok(mut streams)) => streams.remove(GLOBAL).unwrap_or_default(),
+            Ok(Ok(entries)) => entries,
             failed => {
                 if !failing {
                     failing = true;
