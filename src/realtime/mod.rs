@@ -53,7 +53,11 @@ pub fn builder(config: &Config, ctx: Ctx) -> SocketIoBuilder {
     let l = &config.limits;
     SocketIo::builder()
         .max_buffer_size(l.socket_buffer_size)
+        // One limit for a client's packets, whatever the transport: a long-polling POST body,
+        // a WebSocket message (and frame).
         .max_payload(l.socket_max_payload)
+        .ws_max_message_size(l.socket_max_payload as usize)
+        .ws_max_frame_size(l.socket_max_payload as usize)
         .connect_timeout(Duration::from_secs(l.handshake_timeout_secs))
         .ping_interval(Duration::from_millis(l.socket_ping_interval_ms))
         .ping_timeout(Duration::from_millis(l.socket_ping_timeout_ms))

@@ -106,6 +106,20 @@ describe('hostile input [sqlite]', () => {
   });
 
   describe('SOCKET_MAX_PAYLOAD (65536)', () => {
+    it('WebSocket: a message over the limit closes the connection; one under it is answered', async () => {
+      const under = await openRawConnected(gw, viewer);
+      under.send(`428${JSON.stringify(['subscribe:site', 'x'.repeat(60_000)])}`);
+      assert.equal(await under.next((f) => f.startsWith('438'), 3000, 'ack of a 60 KB event'), '438[{"ok":false,"error":"not_found"}]');
+      assert.ok(under.isOpen(), 'a message under the limit keeps the connection');
+      under.disconnect();
+
+      const over = await openRawConnected(gw, viewer);
+      over.send(`429${JSON.stringify(['subscribe:site', 'x'.repeat(70_000)])}`);
+      await assertClosed(over, 3000, 'a 70 KB message over WebSocket');
+      assert.equal(over.frames.some((f) => f.startsWith('439')), false, 'the oversized event was not handled');
+      await assertStillServing(gw, viewer);
+    });
+
     it('HTTP long-polling: a packet over the limit is refused with 413 and the session is closed', async () => {
       const base = new URL('/socket.io/?EIO=4&transport=polling', gw.url).toString();
       const open = await fetch(base);
