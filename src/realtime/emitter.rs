@@ -127,7 +127,7 @@ async fn run_single<A: Adapter>(
             }
             out = next_outgoing(&mut outgoing, &mut stop) => {
                 let Some(out) = out else { break };
-                crate::observe::emitted(out.label);
+                crate::observe::emitted(crate::observe::event_label(&out.event));
                 match out.org {
                     Some(org) => {
                         let now = now_ms();
@@ -241,7 +241,7 @@ async fn append<A: Adapter>(
         let mut rest = queued.drain(..).peekable();
         while let Some(out) = rest.next() {
             if out.org.is_none() {
-                crate::observe::emitted(out.label);
+                crate::observe::emitted(crate::observe::event_label(&out.event));
                 broadcast(
                     &io,
                     &out.rooms,
@@ -293,7 +293,7 @@ async fn log_run<A: Adapter>(
         }
     }
     for out in run {
-        crate::observe::emitted(out.label);
+        crate::observe::emitted(crate::observe::event_label(&out.event));
         broadcast(io, &out.rooms, &out.event, &out.payload, Some(true)).await;
     }
     None

@@ -17,8 +17,6 @@ pub struct Outgoing {
     pub rooms: Vec<String>,
     pub event: Cow<'static, str>,
     pub payload: Box<RawValue>,
-    /// The metric label: the event name for the gateway's own events, `published` otherwise.
-    pub label: &'static str,
 }
 
 /// Where pipeline stages send events; cheap to clone. Bounded: a stalled emitter stalls the
@@ -69,10 +67,6 @@ impl Outbox {
         payload: &T,
     ) {
         let event = event.into();
-        let label = match &event {
-            Cow::Borrowed(name) => name,
-            Cow::Owned(_) => "published",
-        };
         let payload = match serde_json::value::to_raw_value(payload) {
             Ok(raw) => raw,
             Err(e) => {
@@ -87,7 +81,6 @@ impl Outbox {
                 rooms,
                 event,
                 payload,
-                label,
             })
             .await
             .is_err()

@@ -15,9 +15,10 @@
 //!    whose serialisation always fails. socketioxide reserves a queue slot *before* encoding, so
 //!    a full queue answers `InternalChannelFull`, and one with room answers a serialisation error
 //!    and releases the slot unused: nothing reaches the wire and nothing is encoded per
-//!    recipient. The [`sweep`] task probes this node's sockets every `every`, and at once when
-//!    the emitter reports a full queue ([`broadcast_failed`]). A socket full at
-//!    every probe for `grace` is a slow consumer: one that drains a burst is left alone.
+//!    recipient. The [`sweep`] task probes this node's sockets when the emitter reports a full
+//!    queue ([`broadcast_failed`]), at most four times a second, and every `every` regardless.
+//!    A socket full at every probe for `grace` is a slow consumer: one that drains a burst is
+//!    left alone.
 //! 2. **Closing it anyway**: [`Listener`] wraps the gateway's TCP listener so that every
 //!    connection carries a [`Connection`] handle in the request's `ConnectInfo`, which engine.io
 //!    keeps in the socket's request parts. Killing it makes the connection's reads and writes
@@ -70,7 +71,9 @@ pub struct SweepConfig {
 impl Default for SweepConfig {
     fn default() -> Self {
         SweepConfig {
-            every: Duration::from_secs(1),
+            // A safety net: broadcasts that meet a full queue wake the sweep, so looking at every
+            // socket of the node often would only cost CPU.
+            every: Duration::from_secs(10),
             grace: Duration::from_secs(2),
         }
     }
