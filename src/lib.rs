@@ -10,14 +10,17 @@ pub mod bus;
 pub mod cluster;
 pub mod config;
 pub mod demo;
+pub mod fault;
 pub mod http;
 pub mod ingest;
 pub mod monitor;
 pub mod observe;
+pub mod pipeline;
 pub mod proto;
 pub mod realtime;
 pub mod store;
 pub mod units;
+pub mod verdict;
 pub mod web;
 pub mod wire;
 pub mod ws;
@@ -163,22 +166,30 @@ async fn serve<A: Adapter>(
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
-    // The pipeline, upstream to downstream: ingest writer → fanout (live + batches) and
-    // monitor (alerts, status) → outbox → emitter.
+    // The pipeline, upstream to downstream: ingest writer (stores readings, decides alerts and
+    // status in the same commit) → fanout (live + batches) and monitor (announces the stored
+    // alert and status events, offline sweep) → outbox → emitter. Each stage is supervised.
     let l = &config.limits;
+    let pipeline = pipeline::Health::default();
     let units = Arc::new(units::Units::new(store.clone()));
     let (outbox, outgoing) = realtime::outbox::Outbox::new(64 * 1024);
     let (to_fanout, fanout_rx) = mpsc::channel(1024);
     let (to_monitor, monitor_rx) = mpsc::channel(1024);
+    let (sent, sent_rx) = mpsc::unbounded_channel();
     let (stop, stopped) = watch::channel(false);
     let mut sweep_stop = stopped.clone();
     let (ingest, writer) = ingest::Ingest::start(
         store.clone(),
         l.ingest_queue,
         l.max_buffered_readings,
-        vec![to_fanout, to_monitor],
+        ingest::Downstream {
+            readings: vec![to_fanout],
+            announce: to_monitor,
+        },
+        pipeline.clone(),
         stopped,
     );
+    let writer = pipeline.spawn("ingest writer", writer);
     let retention = realtime::emitter::Retention {
         window: Duration::from_secs(l.recovery_window_secs),
         max_events: l.recovery_max_events,
@@ -199,14 +210,18 @@ async fn serve<A: Adapter>(
         None => (None, None, None),
     };
     let (stop_emitter, emitter_stopped) = tokio::sync::oneshot::channel();
-    let emitter = tokio::spawn(realtime::emitter::run(
-        io.clone(),
-        outgoing,
-        commands,
-        cluster_log,
-        retention,
-        emitter_stopped,
-    ));
+    let emitter = pipeline.spawn(
+        "emitter",
+        realtime::emitter::run(
+            io.clone(),
+            outgoing,
+            commands,
+            cluster_log,
+            retention,
+            sent,
+            emitter_stopped,
+        ),
+    );
     let bus = bus::Bus::new(
         store.clone(),
         redis_clients
@@ -217,16 +232,26 @@ async fn serve<A: Adapter>(
     if let Some((_, subscriber)) = redis_clients {
         bus.relay(subscriber);
     }
-    let fanout = tokio::spawn(realtime::run_fanout(
-        bus.clone(),
-        fanout_rx,
-        outbox.clone(),
-        config.flush_interval,
-        l.batch_max_readings,
-        ingest.buffered(),
-    ));
-    let monitor = monitor::Monitor::new(store.clone(), units.clone(), outbox.clone(), bus.clone());
-    let monitor = tokio::spawn(monitor.run(monitor_rx, Duration::from_millis(l.offline_sweep_ms)));
+    let fanout = pipeline.spawn(
+        "fanout",
+        realtime::run_fanout(
+            bus.clone(),
+            fanout_rx,
+            outbox.clone(),
+            config.flush_interval,
+            l.batch_max_readings,
+            ingest.buffered(),
+        ),
+    );
+    let monitor = monitor::Monitor::new(store.clone(), outbox.clone(), bus.clone());
+    let monitor = pipeline.spawn(
+        "monitor",
+        monitor.run(
+            monitor_rx,
+            sent_rx,
+            Duration::from_millis(l.offline_sweep_ms),
+        ),
+    );
     tokio::spawn(realtime::slow::sweep(
         io.clone(),
         realtime::slow::SweepConfig::default(),
@@ -244,6 +269,7 @@ async fn serve<A: Adapter>(
         redis,
         bus,
         outbox,
+        pipeline: pipeline.clone(),
         rate_limits: Default::default(),
         metrics: parts_metrics,
     };
@@ -255,24 +281,27 @@ async fn serve<A: Adapter>(
         .layer(socket_layer)
         .layer(http::cors(&config.cors_origins));
 
-    // Shutdown, in pipeline order: the writer commits what already queued (later requests are
-    // refused with 503), the fanout flushes its batches, the monitor finishes, the emitter sends
-    // the rest; then every socket is closed cleanly — which also ends long-polling requests, so
-    // the HTTP server, which stopped accepting at the signal, can finish.
+    // Shutdown — asked for, or because a pipeline stage failed — in pipeline order: the writer
+    // commits what already queued (later requests are refused with 503; none at all after a
+    // failure), the fanout flushes its batches, the monitor reports what the emitter sent, the
+    // emitter sends the rest; then every socket is closed cleanly — which also ends
+    // long-polling requests, so the HTTP server, which stopped accepting at the signal, can
+    // finish.
     let (drained, on_drained) = tokio::sync::oneshot::channel::<()>();
     let closing_io = io.clone();
+    let supervisor = pipeline.clone();
     let drain = tokio::spawn(async move {
-        shutdown.await;
+        tokio::select! {
+            _ = shutdown => {}
+            _ = supervisor.wait_failed() => {}
+        }
+        supervisor.stopping();
         stop.send(true).ok();
-        for (name, task) in [("writer", writer), ("fanout", fanout), ("monitor", monitor)] {
-            if let Err(e) = task.await {
-                tracing::error!(task = name, error = %e, "pipeline task failed during shutdown");
-            }
+        for task in [writer, fanout, monitor] {
+            task.await.ok();
         }
         stop_emitter.send(()).ok();
-        if let Err(e) = emitter.await {
-            tracing::error!(task = "emitter", error = %e, "pipeline task failed during shutdown");
-        }
+        emitter.await.ok();
         closing_io.close().await;
         drained.send(()).ok();
     });
@@ -288,6 +317,9 @@ async fn serve<A: Adapter>(
     .context("serving")?;
     drain.await.ok();
     store.close().await;
+    if let Some(reason) = pipeline.reason() {
+        anyhow::bail!("pipeline stage failed ({reason}); exiting so that the node is restarted");
+    }
     tracing::info!("stopped");
     Ok(())
 }

@@ -1,140 +1,164 @@
-//! Applies the alert state machine ([`crate::alerts`]) to stored readings and to silence, writes
-//! the changes, and emits `alert:triggered`, `alert:resolved` and `unit:status`.
+//! Announces the alert and status changes that storage decided, and looks for silent units.
 //!
-//! Storage arbitrates every change (a partial unique index for opening, conditional updates for
-//! resolving and for status), and an event is emitted only by the call that made the change — so
-//! concurrent requests, or several nodes, yield exactly one event per change. The in-memory state
-//! here is a cache of what storage holds; on any storage error it is dropped and reloaded.
+//! Every change is decided and written in a transaction together with the events announcing it
+//! (the `event_outbox` rows; see `store::unit_state`). This task sends those events to the
+//! emitter and deletes each row once the emitter reports it out. Rows come from three places:
+//! - the ingest writer hands over the events of each commit at once;
+//! - the offline sweep marks silent units offline, one storage-arbitrated transaction each, so
+//!   however many nodes sweep, one `offline` alert opens;
+//! - the relay takes rows whose lease ran out — their node died between its commit and the
+//!   announcement, or lost its way out — and announces them. With several nodes any live node
+//!   may; the cluster stream keeps each event once (it drops a second copy of one outbox row).
+//!
+//! Rows this node has handed to the emitter and not yet deleted are "in flight": its own relay
+//! skips them, so a slow emitter does not make this node announce them twice.
 
-use std::collections::HashMap;
-use std::sync::Arc;
+use std::collections::HashSet;
 use std::time::Duration;
 
+use serde_json::value::RawValue;
 use tokio::sync::mpsc;
 use tokio::time::MissedTickBehavior;
 
-use crate::alerts::{self, Change, State};
 use crate::bus::Bus;
-use crate::ingest::Committed;
 use crate::realtime::outbox::Outbox;
-use crate::realtime::rooms;
-use crate::store::{NewAlert, Store, StoreError, now_ms};
-use crate::units::{UnitInfo, Units};
-use crate::wire::{
-    AlertResolved, AlertTriggered, AlertType, Severity, UnitStatus, UnitStatusChanged, format_time,
-};
+use crate::store::{OutboxEvent, Store, now_ms};
 
-/// A unit's alert state and the newest `recordedAt` evaluated (older readings never move it).
-#[derive(Debug, Clone, Copy)]
-struct Tracked {
-    state: State,
-    evaluated_at: i64,
-}
+/// How many expired rows one relay round takes.
+const RELAY_BATCH: i64 = 500;
+
+/// How often expired rows are looked for.
+const RELAY_EVERY: Duration = Duration::from_millis(500);
+
+/// How long a shutdown waits for the emitter to report the last events out.
+const DRAIN: Duration = Duration::from_secs(3);
 
 pub struct Monitor {
     store: Store,
-    units: Arc<Units>,
     outbox: Outbox,
     bus: Bus,
-    tracked: HashMap<(String, String), Tracked>,
+    in_flight: HashSet<i64>,
+    /// Announced rows whose delete failed (storage away): retried on the next tick.
+    to_delete: Vec<i64>,
 }
 
 impl Monitor {
-    pub fn new(store: Store, units: Arc<Units>, outbox: Outbox, bus: Bus) -> Self {
+    pub fn new(store: Store, outbox: Outbox, bus: Bus) -> Self {
         Monitor {
             store,
-            units,
             outbox,
             bus,
-            tracked: HashMap::new(),
+            in_flight: HashSet::new(),
+            to_delete: Vec::new(),
         }
     }
 
-    /// Evaluates committed readings as they come, and sweeps for silent units every `sweep_every`.
-    pub async fn run(mut self, mut input: mpsc::Receiver<Arc<Committed>>, sweep_every: Duration) {
-        let mut tick = tokio::time::interval(sweep_every);
-        tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    /// `committed`: the events of each commit, from the ingest writer; `sent`: outbox ids the
+    /// emitter has sent. Ends when `committed` closes (shutdown), after the emitter has reported
+    /// what is in flight (or [`DRAIN`] has passed).
+    pub async fn run(
+        mut self,
+        mut committed: mpsc::Receiver<Vec<OutboxEvent>>,
+        mut sent: mpsc::UnboundedReceiver<i64>,
+        sweep_every: Duration,
+    ) {
+        let mut sweep = tokio::time::interval(sweep_every);
+        sweep.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        let mut relay = tokio::time::interval(RELAY_EVERY);
+        relay.set_missed_tick_behavior(MissedTickBehavior::Delay);
         loop {
             tokio::select! {
-                committed = input.recv() => match committed {
-                    Some(c) => self.on_committed(&c).await,
+                events = committed.recv() => match events {
+                    Some(events) => self.announce(events).await,
                     None => break,
                 },
-                _ = tick.tick() => self.sweep().await,
+                Some(id) = sent.recv() => self.sent(id, &mut sent).await,
+                _ = sweep.tick() => self.sweep().await,
+                _ = relay.tick() => self.relay().await,
             }
         }
+        let deadline = tokio::time::Instant::now() + DRAIN;
+        while !self.in_flight.is_empty() {
+            match tokio::time::timeout_at(deadline, sent.recv()).await {
+                Ok(Some(id)) => self.sent(id, &mut sent).await,
+                _ => break,
+            }
+        }
+        self.flush_deletes().await;
         tracing::debug!("monitor stopped");
     }
 
-    async fn load(&mut self, org: &str, unit: &str) -> Result<Tracked, StoreError> {
-        let key = (org.to_string(), unit.to_string());
-        if let Some(t) = self.tracked.get(&key) {
-            return Ok(*t);
-        }
-        let row = self.store.get_unit(org, unit).await?;
-        let open = self.store.active_alert_types(org, unit).await?;
-        let state = State {
-            status: row
-                .as_ref()
-                .map(|r| UnitStatus::parse(&r.status))
-                .unwrap_or(UnitStatus::Unknown),
-            excursion: open
-                .iter()
-                .filter_map(|t| AlertType::parse(t))
-                .find(|t| *t != AlertType::Offline),
-            offline: open.iter().any(|t| t == "offline"),
-        };
-        let evaluated_at = row.and_then(|r| r.status_since).unwrap_or(i64::MIN);
-        let t = Tracked {
-            state,
-            evaluated_at,
-        };
-        self.tracked.insert(key, t);
-        Ok(t)
-    }
-
-    async fn on_committed(&mut self, c: &Committed) {
-        // Per unit, in recordedAt order.
-        let mut by_unit: HashMap<&str, Vec<(i64, f64)>> = HashMap::new();
-        for s in &c.readings {
-            by_unit
-                .entry(&s.reading.unit_id)
-                .or_default()
-                .push((s.recorded_at, s.reading.temperature));
-        }
-        for (unit, mut readings) in by_unit {
-            readings.sort_by_key(|(at, _)| *at);
-            if let Err(e) = self.evaluate(&c.org_id, unit, &readings).await {
-                tracing::warn!(error = %e, "alert evaluation failed; state reloads on the next reading");
-                self.tracked.remove(&(c.org_id.clone(), unit.to_string()));
+    async fn announce(&mut self, events: Vec<OutboxEvent>) {
+        let mut alerts_changed: Vec<String> = Vec::new();
+        for e in events {
+            if !self.in_flight.insert(e.id) {
+                continue;
             }
-        }
-    }
-
-    async fn evaluate(
-        &mut self,
-        org: &str,
-        unit: &str,
-        readings: &[(i64, f64)],
-    ) -> Result<(), StoreError> {
-        let Some(info) = self.units.get(org, unit).await? else {
-            return Ok(()); // deleted meanwhile
-        };
-        let mut t = self.load(org, unit).await?;
-        for &(at, temperature) in readings {
-            if at < t.evaluated_at {
-                continue; // out of order: stored and broadcast, but never moves state backwards
-            }
-            let (next, changes) = alerts::on_reading(t.state, &info.thresholds, temperature);
-            self.apply(org, unit, &info, t.state, next, &changes, at)
-                .await?;
-            t = Tracked {
-                state: next,
-                evaluated_at: at,
+            let (Ok(rooms), Ok(payload)) = (
+                serde_json::from_str::<Vec<String>>(&e.rooms),
+                RawValue::from_string(e.payload),
+            ) else {
+                tracing::error!(id = e.id, "malformed outbox event; dropped");
+                self.in_flight.remove(&e.id);
+                self.to_delete.push(e.id);
+                continue;
             };
-            self.tracked.insert((org.to_string(), unit.to_string()), t);
+            if e.event.starts_with("alert:") && !alerts_changed.contains(&e.org_id) {
+                alerts_changed.push(e.org_id.clone());
+            }
+            self.outbox
+                .send_stored(&e.org_id, rooms, e.event, payload, e.id)
+                .await;
         }
-        Ok(())
+        // Plain WebSocket subscribers get the open alerts again (storage has them already).
+        for org in alerts_changed {
+            self.bus.alerts_changed(&org).await;
+        }
+    }
+
+    /// The emitter sent `first` (and maybe more): delete their rows, in one statement.
+    async fn sent(&mut self, first: i64, more: &mut mpsc::UnboundedReceiver<i64>) {
+        self.to_delete.push(first);
+        while let Ok(id) = more.try_recv() {
+            self.to_delete.push(id);
+        }
+        self.flush_deletes().await;
+    }
+
+    async fn flush_deletes(&mut self) {
+        if self.to_delete.is_empty() {
+            return;
+        }
+        match self.store.delete_outbox(&self.to_delete).await {
+            Ok(()) => {
+                for id in self.to_delete.drain(..) {
+                    self.in_flight.remove(&id);
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "forgetting announced events failed; retrying"),
+        }
+    }
+
+    async fn relay(&mut self) {
+        self.flush_deletes().await;
+        let claimed = match self.store.claim_outbox(now_ms(), RELAY_BATCH).await {
+            Ok(claimed) => claimed,
+            Err(e) => {
+                tracing::debug!(error = %e, "reading the event outbox failed");
+                return;
+            }
+        };
+        let orphans: Vec<OutboxEvent> = claimed
+            .into_iter()
+            .filter(|e| !self.in_flight.contains(&e.id))
+            .collect();
+        if !orphans.is_empty() {
+            tracing::info!(
+                events = orphans.len(),
+                "announcing stored events that their node did not send"
+            );
+            self.announce(orphans).await;
+        }
     }
 
     async fn sweep(&mut self) {
@@ -146,161 +170,14 @@ impl Monitor {
             }
         };
         for (org, unit) in silent {
-            if let Err(e) = self.go_offline(&org, &unit).await {
-                tracing::warn!(error = %e, "offline alert failed");
-                self.tracked.remove(&(org, unit));
+            match self.store.go_offline(&org, &unit, now_ms()).await {
+                Ok(events) if !events.is_empty() => {
+                    tracing::info!(org = %org, "unit offline");
+                    self.announce(events).await;
+                }
+                Ok(_) => {}
+                Err(e) => tracing::warn!(error = %e, "offline alert failed"),
             }
         }
-    }
-
-    async fn go_offline(&mut self, org: &str, unit: &str) -> Result<(), StoreError> {
-        let Some(info) = self.units.get(org, unit).await? else {
-            return Ok(());
-        };
-        let mut t = self.load(org, unit).await?;
-        if t.state.status == UnitStatus::Unknown {
-            // Storage says it has readings; this node has not evaluated them yet.
-            t.state.status = UnitStatus::Ok;
-        }
-        let Some((next, change)) = alerts::on_silence(t.state) else {
-            return Ok(());
-        };
-        let now = now_ms();
-        self.apply(org, unit, &info, t.state, next, &[change], now)
-            .await?;
-        self.tracked.insert(
-            (org.to_string(), unit.to_string()),
-            Tracked { state: next, ..t },
-        );
-        Ok(())
-    }
-
-    /// Writes each change and emits the events of the changes this call made.
-    #[allow(clippy::too_many_arguments)]
-    async fn apply(
-        &self,
-        org: &str,
-        unit: &str,
-        info: &UnitInfo,
-        prev: State,
-        next: State,
-        changes: &[Change],
-        at: i64,
-    ) -> Result<(), StoreError> {
-        let rooms = || rooms::unit_event_rooms(org, &info.site_id).to_vec();
-        for change in changes {
-            match *change {
-                Change::Open {
-                    kind,
-                    value,
-                    threshold,
-                } => {
-                    let id = new_alert_id();
-                    let severity = match kind {
-                        AlertType::Offline => Severity::Warning,
-                        _ => Severity::Critical,
-                    };
-                    let message = describe(info, kind, value, threshold);
-                    let alert = NewAlert {
-                        id: &id,
-                        unit_id: unit,
-                        site_id: &info.site_id,
-                        alert_type: kind.as_str(),
-                        severity: severity_str(severity),
-                        message: &message,
-                        triggered_at: at,
-                        value,
-                        threshold,
-                    };
-                    if self.store.open_alert(org, &alert).await? {
-                        tracing::info!(org = %org, alert_type = kind.as_str(), "alert opened");
-                        crate::observe::alert_opened(kind.as_str());
-                        let event = AlertTriggered {
-                            alert_id: id.clone(),
-                            unit_id: unit.to_string(),
-                            site_id: info.site_id.clone(),
-                            alert_type: kind,
-                            severity,
-                            message,
-                            triggered_at: format_time(at),
-                            value,
-                            threshold,
-                            offset: None,
-                        };
-                        self.outbox
-                            .send_to_org(org, rooms(), "alert:triggered", &event)
-                            .await;
-                        self.bus.alerts_changed(org).await;
-                    }
-                }
-                Change::Resolve { kind } => {
-                    if let Some(alert_id) = self
-                        .store
-                        .resolve_alert(org, unit, kind.as_str(), at)
-                        .await?
-                    {
-                        tracing::info!(org = %org, alert_type = kind.as_str(), "alert resolved");
-                        crate::observe::alert_resolved(kind.as_str());
-                        let event = AlertResolved {
-                            alert_id,
-                            unit_id: unit.to_string(),
-                            resolved_at: format_time(at),
-                            offset: None,
-                        };
-                        self.outbox
-                            .send_to_org(org, rooms(), "alert:resolved", &event)
-                            .await;
-                        self.bus.alerts_changed(org).await;
-                    }
-                }
-            }
-        }
-        if next.status != prev.status
-            && self
-                .store
-                .set_unit_status(org, unit, next.status.as_str(), at)
-                .await?
-        {
-            let event = UnitStatusChanged {
-                unit_id: unit.to_string(),
-                status: next.status,
-                since: format_time(at),
-                offset: None,
-            };
-            self.outbox
-                .send_to_org(org, rooms(), "unit:status", &event)
-                .await;
-        }
-        Ok(())
-    }
-}
-
-fn severity_str(s: Severity) -> &'static str {
-    match s {
-        Severity::Warning => "warning",
-        Severity::Critical => "critical",
-    }
-}
-
-fn new_alert_id() -> String {
-    let mut bytes = [0u8; 8];
-    rand::RngCore::fill_bytes(&mut rand::rng(), &mut bytes);
-    format!("al-{}", hex::encode(bytes))
-}
-
-fn describe(
-    info: &UnitInfo,
-    kind: AlertType,
-    value: Option<f64>,
-    threshold: Option<f64>,
-) -> String {
-    let (v, t) = (value.unwrap_or_default(), threshold.unwrap_or_default());
-    match kind {
-        AlertType::TempHigh => format!("{}: {v} °C is above the maximum of {t} °C", info.name),
-        AlertType::TempLow => format!("{}: {v} °C is below the minimum of {t} °C", info.name),
-        AlertType::Offline => format!(
-            "{}: no reading for {} s",
-            info.name, info.offline_after_seconds
-        ),
     }
 }

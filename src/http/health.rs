@@ -42,10 +42,12 @@ pub async fn metrics(State(app): State<AppState>) -> impl axum::response::IntoRe
 pub async fn readyz(State(app): State<AppState>) -> (StatusCode, Json<Value>) {
     let storage = app.store.ping().await;
     let redis = app.redis.as_ref().map(|r| (r.is_up(), r.describe()));
-    let ready = storage.is_ok() && redis.is_none_or(|(up, _)| up);
+    let failed = app.pipeline.reason();
+    let ready = storage.is_ok() && redis.is_none_or(|(up, _)| up) && failed.is_none();
     let mut body = json!({
         "status": if ready { "ready" } else { "unavailable" },
         "storage": match &storage { Ok(()) => "ok".to_string(), Err(e) => e.to_string() },
+        "pipeline": failed.map_or("ok".to_string(), |why| format!("failed: {why}")),
     });
     if let Some((_, state)) = redis {
         body["redis"] = json!(state);

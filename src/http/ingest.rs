@@ -148,6 +148,7 @@ async fn accept(
         .map_err(|e| {
             // The storage cause was logged by the writer; the client learns only what to do.
             let (what, retry_after) = match e {
+                SubmitError::UnknownUnits(units) => return deleted_units(units),
                 SubmitError::Storage(_) => ("storage is unavailable", 5),
                 SubmitError::QueueFull => ("the ingest queue is full", 1),
                 SubmitError::BuffersFull => ("too many readings are waiting for delivery", 1),
@@ -164,4 +165,24 @@ async fn accept(
         duplicates: outcomes.len() - accepted,
         ids: outcomes.iter().map(|(id, _)| id.to_string()).collect(),
     }))
+}
+
+/// Units deleted between validation and commit: the request is refused like any other naming
+/// an unknown unit.
+fn deleted_units(readings: Vec<(usize, String)>) -> AppError {
+    let details: Vec<FieldError> = readings
+        .into_iter()
+        .map(|(i, u)| FieldError {
+            index: Some(i),
+            field: "unitId".into(),
+            message: format!("unknown unit {u:?}"),
+        })
+        .collect();
+    AppError::Validation {
+        message: format!(
+            "{} reading(s) name an unknown unit; nothing was stored",
+            details.len()
+        ),
+        details,
+    }
 }

@@ -41,6 +41,8 @@ pub struct AppState {
     pub redis: Option<crate::cluster::RedisHealth>,
     pub bus: crate::bus::Bus,
     pub outbox: crate::realtime::outbox::Outbox,
+    /// Whether every pipeline stage is alive (`/readyz`).
+    pub pipeline: crate::pipeline::Health,
     /// Publish and ingest rate limits, by caller.
     pub rate_limits: Arc<events::KeyedLimits>,
     pub metrics: metrics_exporter_prometheus::PrometheusHandle,

@@ -16,7 +16,8 @@ use tokio::sync::{mpsc, oneshot, watch};
 
 pub use validate::{Invalid, MAX_FUTURE_MS, NewReading, validate};
 
-use crate::store::{Outcomes, Store, now_ms};
+use crate::pipeline::Health;
+use crate::store::{OutboxEvent, Outcomes, Store, StoreError, now_ms};
 use crate::wire::SensorReading;
 
 /// The most rows one transaction carries.
@@ -49,6 +50,9 @@ pub enum SubmitError {
     BuffersFull,
     #[error("storage failed: {0}")]
     Storage(String),
+    /// Units deleted after the request was validated: the readings (index, unit) naming them.
+    #[error("unknown units: {0:?}")]
+    UnknownUnits(Vec<(usize, String)>),
     #[error("the gateway is shutting down")]
     Closed,
 }
@@ -58,31 +62,45 @@ struct Job {
     readings: Vec<NewReading>,
     /// The site of each reading's unit, resolved at validation.
     sites: Vec<String>,
-    reply: oneshot::Sender<Result<Outcomes, String>>,
+    reply: oneshot::Sender<Result<Outcomes, SubmitError>>,
 }
 
 /// The handle requests submit through; cheap to clone.
 #[derive(Clone)]
 pub struct Ingest {
     queue: mpsc::Sender<Job>,
+    health: Health,
     buffered: Arc<AtomicUsize>,
     max_buffered: usize,
 }
 
 impl Ingest {
-    /// Starts the writer. Committed readings go to every `downstream` channel, in commit order.
+    /// Starts the writer. Committed readings go to every `downstream` channel, in commit order;
+    /// the alert and status events each commit stored go to `announce`.
     pub fn start(
         store: Store,
         queue_len: usize,
         max_buffered: usize,
-        downstream: Vec<mpsc::Sender<Arc<Committed>>>,
+        downstream: Downstream,
+        health: Health,
         stop: watch::Receiver<bool>,
-    ) -> (Ingest, tokio::task::JoinHandle<()>) {
+    ) -> (
+        Ingest,
+        impl std::future::Future<Output = ()> + Send + 'static,
+    ) {
         let (tx, rx) = mpsc::channel(queue_len);
         let buffered = Arc::new(AtomicUsize::new(0));
-        let task = tokio::spawn(writer(store, rx, downstream, buffered.clone(), stop));
+        let task = writer(
+            store,
+            rx,
+            downstream,
+            buffered.clone(),
+            health.clone(),
+            stop,
+        );
         let ingest = Ingest {
             queue: tx,
+            health,
             buffered,
             max_buffered,
         };
@@ -102,6 +120,9 @@ impl Ingest {
         readings: Vec<NewReading>,
         sites: Vec<String>,
     ) -> Result<Outcomes, SubmitError> {
+        if self.health.failed() {
+            return Err(SubmitError::Closed);
+        }
         if self.buffered.load(Ordering::Relaxed) >= self.max_buffered {
             return Err(SubmitError::BuffersFull);
         }
@@ -116,12 +137,16 @@ impl Ingest {
             mpsc::error::TrySendError::Full(_) => SubmitError::QueueFull,
             mpsc::error::TrySendError::Closed(_) => SubmitError::Closed,
         })?;
-        match answer.await {
-            Ok(Ok(outcomes)) => Ok(outcomes),
-            Ok(Err(cause)) => Err(SubmitError::Storage(cause)),
-            Err(_) => Err(SubmitError::Closed),
-        }
+        answer.await.unwrap_or(Err(SubmitError::Closed))
     }
+}
+
+/// Where committed work goes.
+pub struct Downstream {
+    /// The stored readings, to live delivery and batching.
+    pub readings: Vec<mpsc::Sender<Arc<Committed>>>,
+    /// The alert and status events the commits stored, to be announced.
+    pub announce: mpsc::Sender<Vec<OutboxEvent>>,
 }
 
 /// The group-commit loop. On stop it commits what has already queued, then ends, which closes
@@ -129,8 +154,9 @@ impl Ingest {
 async fn writer(
     store: Store,
     mut rx: mpsc::Receiver<Job>,
-    downstream: Vec<mpsc::Sender<Arc<Committed>>>,
+    downstream: Downstream,
     buffered: Arc<AtomicUsize>,
+    health: Health,
     mut stop: watch::Receiver<bool>,
 ) {
     loop {
@@ -156,36 +182,75 @@ async fn writer(
                 Err(_) => break,
             }
         }
-        commit(&store, jobs, rows, &downstream, &buffered).await;
+        // A failed pipeline stage would leave what is stored now unannounced: acknowledge
+        // nothing more (the node is on its way out; see `pipeline`).
+        if health.failed() {
+            for job in jobs {
+                job.reply.send(Err(SubmitError::Closed)).ok();
+            }
+            continue;
+        }
+        commit(&store, jobs, &downstream, &buffered).await;
     }
     tracing::debug!("ingest writer stopped");
 }
 
 async fn commit(
     store: &Store,
-    jobs: Vec<Job>,
-    rows: usize,
-    downstream: &[mpsc::Sender<Arc<Committed>>],
+    mut jobs: Vec<Job>,
+    downstream: &Downstream,
     buffered: &AtomicUsize,
 ) {
-    let flat: Vec<(&str, &NewReading)> = jobs
-        .iter()
-        .flat_map(|j| j.readings.iter().map(move |r| (j.org_id.as_str(), r)))
-        .collect();
     let started = Instant::now();
-    let result = store.commit_readings(&flat, now_ms()).await;
-    drop(flat);
-    let outcomes = match result {
-        Ok(outcomes) => outcomes,
-        Err(e) => {
-            crate::observe::storage_error();
-            tracing::warn!(requests = jobs.len(), rows, error = %e, "commit failed; nothing stored");
-            for job in jobs {
-                job.reply.send(Err(e.to_string())).ok();
+    let (committed, rows) = loop {
+        let flat: Vec<(&str, &NewReading)> = jobs
+            .iter()
+            .flat_map(|j| j.readings.iter().map(move |r| (j.org_id.as_str(), r)))
+            .collect();
+        let rows = flat.len();
+        let result = store.commit_readings(&flat, now_ms()).await;
+        drop(flat);
+        match result {
+            Ok(committed) => break (committed, rows),
+            // Units deleted since validation: their requests are refused (422), the others
+            // are committed without them.
+            Err(StoreError::UnitsGone(gone)) => {
+                let (refused, kept): (Vec<Job>, Vec<Job>) = jobs.into_iter().partition(|j| {
+                    j.readings
+                        .iter()
+                        .any(|r| gone.iter().any(|(o, u)| *o == j.org_id && *u == r.unit_id))
+                });
+                for job in refused {
+                    let mine = job
+                        .readings
+                        .iter()
+                        .enumerate()
+                        .filter(|(_, r)| {
+                            gone.iter()
+                                .any(|(o, u)| *o == job.org_id && *u == r.unit_id)
+                        })
+                        .map(|(i, r)| (i, r.unit_id.clone()))
+                        .collect();
+                    job.reply.send(Err(SubmitError::UnknownUnits(mine))).ok();
+                }
+                if kept.is_empty() {
+                    return;
+                }
+                jobs = kept;
             }
-            return;
+            Err(e) => {
+                crate::observe::storage_error();
+                tracing::warn!(requests = jobs.len(), rows, error = %e, "commit failed; nothing stored");
+                for job in jobs {
+                    job.reply
+                        .send(Err(SubmitError::Storage(e.to_string())))
+                        .ok();
+                }
+                return;
+            }
         }
     };
+    let outcomes = committed.outcomes;
     crate::observe::committed(rows, started.elapsed());
     tracing::debug!(
         requests = jobs.len(),
@@ -241,8 +306,11 @@ async fn commit(
     }
     // In commit order. Waiting here is the backpressure: a slow stage stops the next commit, the
     // queue fills, and ingest answers 503.
+    if !committed.events.is_empty() && !crate::fault::active("stall-announce") {
+        downstream.announce.send(committed.events).await.ok();
+    }
     for committed in handed {
-        for tx in downstream {
+        for tx in &downstream.readings {
             tx.send(committed.clone()).await.ok();
         }
     }

@@ -75,14 +75,19 @@ pub async fn run<A: Adapter>(
     commands: (mpsc::Sender<Command>, mpsc::Receiver<Command>),
     cluster: Option<ClusterLog>,
     retention: Retention,
+    sent: Sent,
     stop: oneshot::Receiver<()>,
 ) {
     match cluster {
-        None => run_single(io, outgoing, commands, retention, stop).await,
-        Some(cluster) => run_cluster(io, outgoing, commands, cluster, stop).await,
+        None => run_single(io, outgoing, commands, retention, sent, stop).await,
+        Some(cluster) => run_cluster(io, outgoing, commands, cluster, sent, stop).await,
     }
     tracing::debug!("emitter stopped");
 }
+
+/// Where the emitter reports events of the storage outbox once they are out (logged to the
+/// cluster stream, or broadcast on one node), so their rows can be deleted.
+pub type Sent = mpsc::UnboundedSender<i64>;
 
 /// The next event from the outbox; after `stop`, only what was already queued.
 async fn next_outgoing(
@@ -109,6 +114,7 @@ async fn run_single<A: Adapter>(
     mut outgoing: mpsc::Receiver<Outgoing>,
     (requeue, mut commands): (mpsc::Sender<Command>, mpsc::Receiver<Command>),
     retention: Retention,
+    sent: Sent,
     stop: oneshot::Receiver<()>,
 ) {
     let mut stop = Some(stop);
@@ -127,6 +133,9 @@ async fn run_single<A: Adapter>(
             }
             out = next_outgoing(&mut outgoing, &mut stop) => {
                 let Some(out) = out else { break };
+                if crate::fault::active("panic-emitter") {
+                    panic!("fault switch panic-emitter");
+                }
                 crate::observe::emitted(crate::observe::event_label(&out.event));
                 match out.org {
                     Some(org) => {
@@ -140,6 +149,9 @@ async fn run_single<A: Adapter>(
                         });
                         history.record(&org, entry.clone(), now);
                         broadcast(&io, &entry.rooms, &entry.event, &entry.payload, None).await;
+                        if let Some(id) = out.stored {
+                            sent.send(id).ok();
+                        }
                     }
                     None => broadcast(&io, &out.rooms, &out.event, &out.payload, None).await,
                 }
@@ -157,6 +169,7 @@ async fn run_cluster<A: Adapter>(
     outgoing: mpsc::Receiver<Outgoing>,
     (requeue, mut commands): (mpsc::Sender<Command>, mpsc::Receiver<Command>),
     cluster: ClusterLog,
+    sent: Sent,
     stop: oneshot::Receiver<()>,
 ) {
     let ClusterLog { health, log, tail } = cluster;
@@ -167,6 +180,7 @@ async fn run_cluster<A: Adapter>(
         outgoing,
         log.clone(),
         health.clone(),
+        sent,
         stop,
     ));
     // Where this node's delivery stands in the cluster stream; replays go up to here.
@@ -225,12 +239,16 @@ async fn append<A: Adapter>(
     mut outgoing: mpsc::Receiver<Outgoing>,
     log: RedisLog,
     health: RedisHealth,
+    sent: Sent,
     stop: oneshot::Receiver<()>,
 ) -> Option<Offset> {
     let mut stop = Some(stop);
     let mut last = None;
     let mut queued = Vec::with_capacity(APPEND_MAX);
     while let Some(first) = next_outgoing(&mut outgoing, &mut stop).await {
+        if crate::fault::active("panic-emitter") {
+            panic!("fault switch panic-emitter");
+        }
         queued.push(first);
         while queued.len() < APPEND_MAX {
             match outgoing.try_recv() {
@@ -257,7 +275,7 @@ async fn append<A: Adapter>(
             while let Some(next) = rest.next_if(|o| o.org.is_some()) {
                 run.push(next);
             }
-            if let Some(offset) = log_run(&io, &log, &health, run).await {
+            if let Some(offset) = log_run(&io, &log, &health, &sent, run).await {
                 last = Some(offset);
             }
         }
@@ -272,8 +290,14 @@ async fn log_run<A: Adapter>(
     io: &SocketIo<A>,
     log: &RedisLog,
     health: &RedisHealth,
+    sent: &Sent,
     run: Vec<Outgoing>,
 ) -> Option<Offset> {
+    let report = |run: &[Outgoing]| {
+        for id in run.iter().filter_map(|o| o.stored) {
+            sent.send(id).ok();
+        }
+    };
     if health.is_up() {
         let events: Vec<Logged<'_>> = run
             .iter()
@@ -282,16 +306,21 @@ async fn log_run<A: Adapter>(
                 event: &o.event,
                 rooms: &o.rooms,
                 payload: &o.payload,
+                stored: o.stored,
             })
             .collect();
         match log.append(&events).await {
-            Ok(offsets) => return offsets.last().copied(),
+            Ok(offsets) => {
+                report(&run);
+                return offsets.into_iter().flatten().next_back();
+            }
             Err(e) => {
                 health.mark_down();
                 tracing::debug!(error = %e, "logging to the cluster stream failed; delivered locally");
             }
         }
     }
+    report(&run);
     for out in run {
         crate::observe::emitted(crate::observe::event_label(&out.event));
         broadcast(io, &out.rooms, &out.event, &out.payload, Some(true)).await;

@@ -39,6 +39,9 @@ pub async fn run(
         tokio::select! {
             committed = input.recv() => {
                 let Some(c) = committed else { break };
+                if crate::fault::active("panic-fanout") {
+                    panic!("fault switch panic-fanout");
+                }
                 for s in &c.readings {
                     let live = vec![rooms::unit(&c.org_id, &s.reading.unit_id), rooms::site(&c.org_id, &s.site_id)];
                     outbox.send(live, "sensor:reading", &s.reading).await;

@@ -17,6 +17,9 @@ pub struct Outgoing {
     pub rooms: Vec<String>,
     pub event: Cow<'static, str>,
     pub payload: Box<RawValue>,
+    /// The `event_outbox` row it comes from: the emitter reports it once the event is out, so
+    /// the row can go (see `monitor`).
+    pub stored: Option<i64>,
 }
 
 /// Where pipeline stages send events; cheap to clone. Bounded: a stalled emitter stalls the
@@ -59,6 +62,27 @@ impl Outbox {
             .await
     }
 
+    /// An organisation event from the storage outbox, already serialised.
+    pub async fn send_stored(
+        &self,
+        org: &str,
+        rooms: Vec<String>,
+        event: String,
+        payload: Box<RawValue>,
+        id: i64,
+    ) {
+        let out = Outgoing {
+            org: Some(org.to_string()),
+            rooms,
+            event: Cow::Owned(event),
+            payload,
+            stored: Some(id),
+        };
+        if self.0.send(out).await.is_err() {
+            tracing::warn!("emitter stopped; stored event left for the next announcement");
+        }
+    }
+
     async fn put<T: Serialize>(
         &self,
         org: Option<String>,
@@ -81,6 +105,7 @@ impl Outbox {
                 rooms,
                 event,
                 payload,
+                stored: None,
             })
             .await
             .is_err()

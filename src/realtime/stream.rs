@@ -38,19 +38,26 @@ const TAIL_COUNT: u64 = 1_000;
 const TAIL_BLOCK_MS: u64 = 1_000;
 
 /// Appends `ARGV[1]` events: `KEYS[1]` is the cluster stream, `KEYS[i + 1]` the organisation
-/// stream of event `i`, whose organisation, name, rooms and payload are `ARGV[6 + 4(i-1) ..]`.
+/// stream of event `i`, whose organisation, name, rooms, payload and outbox id (or `""`) are
+/// `ARGV[6 + 5(i-1) ..]`. An event of the storage outbox is appended once: a second copy (another
+/// node announcing a row whose lease ran out while its first node was merely slow) gets `""`.
 const APPEND: &str = r#"
 local n = tonumber(ARGV[1])
 local ids = {}
 for i = 1, n do
-  local b = 5 + (i - 1) * 4
-  local id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[2], '*',
-    'o', ARGV[b + 1], 'e', ARGV[b + 2], 'r', ARGV[b + 3], 'p', ARGV[b + 4])
-  redis.call('XADD', KEYS[i + 1], 'MAXLEN', '~', ARGV[3], id,
-    'e', ARGV[b + 2], 'r', ARGV[b + 3], 'p', ARGV[b + 4])
-  redis.call('XTRIM', KEYS[i + 1], 'MINID', '~', ARGV[4])
-  redis.call('PEXPIRE', KEYS[i + 1], ARGV[5])
-  ids[i] = id
+  local b = 5 + (i - 1) * 5
+  local stored = ARGV[b + 5]
+  if stored ~= '' and not redis.call('SET', 'sensorwire:announced:' .. stored, '1', 'NX', 'PX', 3600000) then
+    ids[i] = ''
+  else
+    local id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[2], '*',
+      'o', ARGV[b + 1], 'e', ARGV[b + 2], 'r', ARGV[b + 3], 'p', ARGV[b + 4])
+    redis.call('XADD', KEYS[i + 1], 'MAXLEN', '~', ARGV[3], id,
+      'e', ARGV[b + 2], 'r', ARGV[b + 3], 'p', ARGV[b + 4])
+    redis.call('XTRIM', KEYS[i + 1], 'MINID', '~', ARGV[4])
+    redis.call('PEXPIRE', KEYS[i + 1], ARGV[5])
+    ids[i] = id
+  end
 end
 return ids
 "#;
@@ -68,6 +75,8 @@ pub struct Logged<'a> {
     pub event: &'a str,
     pub rooms: &'a [String],
     pub payload: &'a RawValue,
+    /// Its `event_outbox` row, if it comes from one.
+    pub stored: Option<i64>,
 }
 
 /// Appends and replays; cheap to clone.
@@ -89,8 +98,12 @@ impl RedisLog {
         }
     }
 
-    /// Logs events, in order, in one round trip; every node's tail then delivers them.
-    pub async fn append(&self, events: &[Logged<'_>]) -> Result<Vec<Offset>, fred::error::Error> {
+    /// Logs events, in order, in one round trip; every node's tail then delivers them. `None`
+    /// for an outbox event that was logged already.
+    pub async fn append(
+        &self,
+        events: &[Logged<'_>],
+    ) -> Result<Vec<Option<Offset>>, fred::error::Error> {
         let oldest = super::offset::now_ms().saturating_sub(self.window_ms);
         let mut keys = Vec::with_capacity(events.len() + 1);
         keys.push(GLOBAL.to_string());
@@ -108,16 +121,18 @@ impl RedisLog {
             args.push(e.event.into());
             args.push(serde_json::to_string(e.rooms).unwrap_or_default().into());
             args.push(e.payload.get().into());
+            args.push(e.stored.map(|id| id.to_string()).unwrap_or_default().into());
         }
         let ids: Vec<String> = self
             .script
             .evalsha_with_reload(&self.client, keys, args)
             .await?;
         ids.iter()
-            .map(|id| {
-                id.parse().map_err(|_| {
+            .map(|id| match id.as_str() {
+                "" => Ok(None),
+                id => id.parse().map(Some).map_err(|_| {
                     fred::error::Error::new(fred::error::ErrorKind::Parse, "bad stream id")
-                })
+                }),
             })
             .collect()
     }

@@ -11,13 +11,15 @@ mod postgres;
 mod readings;
 mod rows;
 mod sqlite;
+mod unit_state;
 
 use std::time::Duration;
 
 use sqlx::{PgPool, SqlitePool};
 
-pub use readings::{Outcomes, ReadingKey};
+pub use readings::{Committed, Outcomes, ReadingKey};
 pub use rows::{AlertRow, ApiKeyRow, ReadingRow, UnitRow};
+pub use unit_state::{LEASE_MS, OutboxEvent};
 
 use crate::wire::{AlertStatus, Site, UpdateUnit};
 
@@ -64,6 +66,12 @@ pub enum StoreError {
     Unavailable(sqlx::Error),
     #[error("storage error: {0}")]
     Other(sqlx::Error),
+    /// A deadlock or serialization failure: the transaction may simply be run again.
+    #[error("storage contended: {0}")]
+    Contended(sqlx::Error),
+    /// Units deleted between a request's validation and its commit; nothing was stored.
+    #[error("units no longer exist: {0:?}")]
+    UnitsGone(Vec<(String, String)>),
     #[error("migration failed: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
 }
@@ -79,6 +87,11 @@ impl From<sqlx::Error> for StoreError {
             | sqlx::Error::Io(_)
             | sqlx::Error::Tls(_)
             | sqlx::Error::WorkerCrashed => StoreError::Unavailable(e),
+            sqlx::Error::Database(db)
+                if matches!(db.code().as_deref(), Some("40001" | "40P01")) =>
+            {
+                StoreError::Contended(e)
+            }
             sqlx::Error::Database(db) if unavailable_code(db.code().as_deref()) => {
                 StoreError::Unavailable(e)
             }
@@ -108,19 +121,6 @@ pub struct NewUnit<'a> {
     pub temp_min: Option<f64>,
     pub temp_max: Option<f64>,
     pub offline_after_seconds: i64,
-}
-
-/// An alert to open.
-pub struct NewAlert<'a> {
-    pub id: &'a str,
-    pub unit_id: &'a str,
-    pub site_id: &'a str,
-    pub alert_type: &'a str,
-    pub severity: &'a str,
-    pub message: &'a str,
-    pub triggered_at: i64,
-    pub value: Option<f64>,
-    pub threshold: Option<f64>,
 }
 
 /// What `DELETE /api/sites/{id}` found.
@@ -173,7 +173,8 @@ impl Store {
     /// A cheap round trip, for `/readyz`.
     pub async fn ping(&self) -> Result<()> {
         let fut = async { execute!(self, "SELECT 1") };
-        match tokio::time::timeout(Duration::from_secs(2), fut).await {
+        // Well within a second: a probe must answer before the orchestrator's timeout.
+        match tokio::time::timeout(Duration::from_millis(500), fut).await {
             Ok(r) => r.map(|_| ()).map_err(Into::into),
             Err(_) => Err(StoreError::Unavailable(sqlx::Error::PoolTimedOut)),
         }
@@ -406,73 +407,35 @@ impl Store {
         .map_err(Into::into)
     }
 
-    /// Opens an alert unless one of its type is already open for the unit (the partial unique
-    /// index decides, across nodes); true when this call opened it.
-    pub async fn open_alert(&self, org: &str, a: &NewAlert<'_>) -> Result<bool> {
-        const SQL: &str = "INSERT INTO alerts (id, org_id, unit_id, site_id, alert_type, severity, \
-                           message, status, triggered_at, value, threshold) \
-                           VALUES ($1, $2, $3, $4, $5, $6, $7, 'active', $8, $9, $10) \
-                           ON CONFLICT DO NOTHING";
-        let n = execute!(
-            self,
-            SQL,
-            a.id,
-            org,
-            a.unit_id,
-            a.site_id,
-            a.alert_type,
-            a.severity,
-            a.message,
-            a.triggered_at,
-            a.value,
-            a.threshold
-        )?;
-        Ok(n == 1)
+    /// Marks a silent unit offline — if, under its row lock, storage agrees it is silent and
+    /// not offline yet — with its `offline` alert and the events announcing them.
+    pub async fn go_offline(&self, org: &str, unit: &str, now: i64) -> Result<Vec<OutboxEvent>> {
+        Ok(match &self.engine {
+            Engine::Sqlite(p) => {
+                unit_state::sqlite::go_offline(p, sqlite::BEGIN, org, unit, now).await?
+            }
+            Engine::Postgres(p) => {
+                unit_state::postgres::go_offline(p, postgres::BEGIN, org, unit, now).await?
+            }
+        })
     }
 
-    /// Resolves the unit's open alert of this type; its id when this call resolved it.
-    pub async fn resolve_alert(
-        &self,
-        org: &str,
-        unit: &str,
-        alert_type: &str,
-        at: i64,
-    ) -> Result<Option<String>> {
-        const SQL: &str = "UPDATE alerts SET status = 'resolved', resolved_at = $4 \
-                           WHERE org_id = $1 AND unit_id = $2 AND alert_type = $3 AND status = 'active' \
-                           RETURNING id";
-        let row: Option<(String,)> = with_pool!(self, |p| sqlx::query_as(SQL)
-            .bind(org)
-            .bind(unit)
-            .bind(alert_type)
-            .bind(at)
-            .fetch_optional(p)
-            .await)?;
-        Ok(row.map(|(id,)| id))
+    /// Outbox events whose lease ran out (their node did not announce them), leased to the
+    /// caller for [`LEASE_MS`].
+    pub async fn claim_outbox(&self, now: i64, limit: i64) -> Result<Vec<OutboxEvent>> {
+        Ok(match &self.engine {
+            Engine::Sqlite(p) => unit_state::sqlite::claim_outbox(p, now, limit).await?,
+            Engine::Postgres(p) => unit_state::postgres::claim_outbox(p, now, limit).await?,
+        })
     }
 
-    /// Sets a unit's status unless it already has it; true when this call changed it.
-    pub async fn set_unit_status(
-        &self,
-        org: &str,
-        unit: &str,
-        status: &str,
-        since: i64,
-    ) -> Result<bool> {
-        const SQL: &str = "UPDATE units SET status = $3, status_since = $4 \
-                           WHERE org_id = $1 AND id = $2 AND status <> $3";
-        Ok(execute!(self, SQL, org, unit, status, since)? == 1)
-    }
-
-    /// The types of the unit's open alerts.
-    pub async fn active_alert_types(&self, org: &str, unit: &str) -> Result<Vec<String>> {
-        const SQL: &str = "SELECT alert_type FROM alerts WHERE org_id = $1 AND unit_id = $2 AND status = 'active'";
-        let rows: Vec<(String,)> = with_pool!(self, |p| sqlx::query_as(SQL)
-            .bind(org)
-            .bind(unit)
-            .fetch_all(p)
-            .await)?;
-        Ok(rows.into_iter().map(|(t,)| t).collect())
+    /// Forgets announced events.
+    pub async fn delete_outbox(&self, ids: &[i64]) -> Result<()> {
+        match &self.engine {
+            Engine::Sqlite(p) => unit_state::sqlite::delete_outbox(p, ids).await?,
+            Engine::Postgres(p) => unit_state::postgres::delete_outbox(p, ids).await?,
+        }
+        Ok(())
     }
 
     /// Units that have sent readings but none for their offline timeout, and are not offline yet.

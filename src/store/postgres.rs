@@ -6,18 +6,21 @@ use sqlx::PgPool;
 use sqlx::migrate::Migrator;
 use sqlx::postgres::PgPoolOptions;
 
+pub(super) const BEGIN: &str = "BEGIN";
+
 pub(super) static MIGRATOR: Migrator = sqlx::migrate!("./migrations/postgres");
 
 pub(super) async fn connect(url: &str) -> Result<PgPool, sqlx::Error> {
     PgPoolOptions::new()
         .max_connections(16)
-        // Fail fast when the database is gone, so requests get a 503 instead of hanging.
-        .acquire_timeout(Duration::from_secs(3))
+        // Fail fast when the database is gone, so requests get a 503 within a second instead of
+        // hanging (a connection to a live database takes a few milliseconds on a LAN).
+        .acquire_timeout(Duration::from_millis(500))
         .connect(url)
         .await
 }
 
-use super::readings::{StoredKey, latest_per_unit};
+use super::readings::StoredKey;
 use crate::ingest::NewReading;
 
 const INSERT: &str = "INSERT INTO readings (org_id, unit_id, device_id, temperature, humidity, \
@@ -33,16 +36,10 @@ const EXISTING: &str = "SELECT r.id, r.org_id, r.unit_id, r.recorded_at, r.devic
     JOIN readings AS r ON r.org_id = k.o AND r.unit_id = k.u AND r.recorded_at = k.ts \
     AND r.device_id = k.d AND r.source = k.s";
 
-const TOUCH_UNITS: &str = "UPDATE units SET \
-    last_reading_at = CASE WHEN units.last_reading_at IS NULL OR units.last_reading_at <= v.ts THEN v.ts ELSE units.last_reading_at END, \
-    last_temperature = CASE WHEN units.last_reading_at IS NULL OR units.last_reading_at <= v.ts THEN v.t ELSE units.last_temperature END, \
-    last_seen_at = $5 \
-    FROM UNNEST($1::text[], $2::text[], $3::int8[], $4::float8[]) AS v(o, u, ts, t) \
-    WHERE units.org_id = v.o AND units.id = v.u";
-
-/// One group commit (see `store::readings`), with columns bound as arrays for `UNNEST`.
-pub(super) async fn commit(
-    pool: &PgPool,
+/// The readings of one group commit (see `store::readings`), with columns bound as arrays for
+/// `UNNEST`, inside the caller's transaction.
+pub(super) async fn insert(
+    tx: &mut sqlx::PgConnection,
     unique: &[(&str, &NewReading)],
     all: &[(&str, &NewReading)],
     received_at: i64,
@@ -53,7 +50,6 @@ pub(super) async fn commit(
     };
     let num =
         |f: fn(&NewReading) -> Option<f64>| unique.iter().map(|(_, r)| f(r)).collect::<Vec<_>>();
-    let mut tx = pool.begin().await?;
     let inserted: Vec<StoredKey> = sqlx::query_as(INSERT)
         .bind(col(|(o, _)| o))
         .bind(col(|(_, r)| &r.unit_id))
@@ -92,27 +88,5 @@ pub(super) async fn commit(
     } else {
         Vec::new()
     };
-    let latest = latest_per_unit(unique, &inserted);
-    if !latest.is_empty() {
-        sqlx::query(TOUCH_UNITS)
-            .bind(
-                latest
-                    .iter()
-                    .map(|l| l.org_id.to_string())
-                    .collect::<Vec<_>>(),
-            )
-            .bind(
-                latest
-                    .iter()
-                    .map(|l| l.unit_id.to_string())
-                    .collect::<Vec<_>>(),
-            )
-            .bind(latest.iter().map(|l| l.recorded_at).collect::<Vec<_>>())
-            .bind(latest.iter().map(|l| l.temperature).collect::<Vec<_>>())
-            .bind(received_at)
-            .execute(&mut *tx)
-            .await?;
-    }
-    tx.commit().await?;
     Ok((inserted, existing))
 }

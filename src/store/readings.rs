@@ -3,14 +3,21 @@
 //! One statement inserts every reading of the group (SQLite: `json_each` over one JSON
 //! parameter; PostgreSQL: `UNNEST` of arrays), `ON CONFLICT DO NOTHING` on the idempotency key,
 //! `RETURNING` the keys it stored. Keys it did not store are duplicates, whose first ids are
-//! looked up in the same transaction. The units' latest reading moves in the same commit, so a
-//! dashboard that reads `/api/units` after the acknowledgement sees it.
+//! looked up in the same transaction.
+//!
+//! Before that, the transaction locks the rows of the units it touches (in one order, so
+//! commits of several nodes cannot deadlock); after it, each unit's new readings are evaluated
+//! against its stored state and the alerts, the unit's status and latest reading, and the events
+//! announcing the changes are written — all in the same commit (see `unit_state`). A dashboard
+//! that reads `/api/units` or `/api/alerts` after the acknowledgement sees them.
 
 use std::collections::hash_map::Entry;
 use std::collections::{HashMap, HashSet};
 
-use super::{Engine, Result, Store, postgres, sqlite};
+use super::unit_state::{self, OutboxEvent};
+use super::{Engine, Result, Store, StoreError, postgres, sqlite};
 use crate::ingest::NewReading;
+use crate::verdict::{self, StoredUnit, Verdict};
 
 /// The idempotency key of a reading.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -71,25 +78,47 @@ impl StoredKey {
     }
 }
 
-/// The newest new reading of a unit in one commit.
-pub struct UnitLatest<'a> {
-    pub org_id: &'a str,
-    pub unit_id: &'a str,
-    pub recorded_at: i64,
-    pub temperature: f64,
-}
-
 /// For each input row: its stored id and whether this row stored it (`false`: duplicate).
 pub type Outcomes = Vec<(i64, bool)>;
 
+/// What a group commit stored and decided.
+#[derive(Debug)]
+pub struct Committed {
+    pub outcomes: Outcomes,
+    /// The alert and status events of the commit, in the outbox (see `unit_state`).
+    pub events: Vec<OutboxEvent>,
+}
+
+/// Runs one group commit in one engine: lock the units, store the readings, decide and write
+/// the alert and status changes, commit.
+macro_rules! commit_in {
+    ($pool:expr, $begin:expr, $engine:ident, $unique:expr, $all:expr, $received_at:expr) => {{
+        let mut tx = $pool.begin_with($begin).await?;
+        let keys = unit_state::unit_keys($unique.iter().map(|(o, r)| (*o, r.unit_id.as_str())));
+        let units = unit_state::$engine::lock_units(&mut tx, &keys).await?;
+        let gone = units_gone(&units, $unique);
+        if !gone.is_empty() {
+            return Err(StoreError::UnitsGone(gone));
+        }
+        let (inserted, existing) = $engine::insert(&mut tx, $unique, $all, $received_at).await?;
+        let verdicts = decide(&units, $unique, &inserted, $received_at);
+        let events = unit_state::$engine::write_verdicts(&mut tx, &verdicts, $received_at).await?;
+        tx.commit().await?;
+        unit_state::observe(&verdicts);
+        (inserted, existing, events)
+    }};
+}
+
 impl Store {
-    /// Stores `rows` (organisation, reading) in one transaction. Within the group, the first
-    /// occurrence of a key is the one stored; later ones are duplicates of it.
+    /// Stores `rows` (organisation, reading) in one transaction, with the alert and status
+    /// changes they make. Within the group, the first occurrence of a key is the one stored;
+    /// later ones are duplicates of it. A unit deleted since validation fails the commit with
+    /// [`StoreError::UnitsGone`], storing nothing.
     pub async fn commit_readings(
         &self,
         rows: &[(&str, &NewReading)],
         received_at: i64,
-    ) -> Result<Outcomes> {
+    ) -> Result<Committed> {
         // Keys are borrowed, and hashed three times per row (first occurrence, the stored ids,
         // the lookup) rather than cloned and hashed eight times: this runs for every reading.
         let mut first: HashMap<KeyRef<'_>, usize> = HashMap::with_capacity(rows.len());
@@ -101,9 +130,18 @@ impl Store {
             }
         }
         let has_duplicates = unique.len() < rows.len();
-        let (inserted, existing) = match &self.engine {
-            Engine::Sqlite(pool) => sqlite::commit(pool, &unique, rows, received_at).await?,
-            Engine::Postgres(pool) => postgres::commit(pool, &unique, rows, received_at).await?,
+        // Locks are taken in one order, so a deadlock should not happen; a serialization
+        // failure or deadlock reported anyway is retried rather than failing the whole group.
+        let mut attempt = 0;
+        let (inserted, existing, events) = loop {
+            match self.commit_once(&unique, rows, received_at).await {
+                Err(StoreError::Contended(e)) if attempt < 5 => {
+                    attempt += 1;
+                    tracing::debug!(attempt, error = %e, "group commit contended; retrying");
+                    tokio::time::sleep(std::time::Duration::from_millis(5 << attempt)).await;
+                }
+                other => break other?,
+            }
         };
         // key -> (id, stored by this commit)
         let mut ids: HashMap<KeyRef<'_>, (i64, bool)> =
@@ -114,7 +152,8 @@ impl Store {
         for k in &existing {
             ids.entry(k.key()).or_insert((k.id, false));
         }
-        rows.iter()
+        let outcomes = rows
+            .iter()
             .enumerate()
             .map(|(i, (org, r))| {
                 let k = key_ref(org, r);
@@ -123,39 +162,75 @@ impl Store {
                     None => Err(super::StoreError::Other(sqlx::Error::RowNotFound)),
                 }
             })
-            .collect()
+            .collect::<Result<_>>()?;
+        Ok(Committed { outcomes, events })
     }
 }
 
-/// The newest reading per unit among the rows that were actually inserted.
-pub(super) fn latest_per_unit<'a>(
-    rows: &[(&'a str, &'a NewReading)],
+impl Store {
+    async fn commit_once(
+        &self,
+        unique: &[(&str, &NewReading)],
+        rows: &[(&str, &NewReading)],
+        received_at: i64,
+    ) -> Result<(Vec<StoredKey>, Vec<StoredKey>, Vec<OutboxEvent>)> {
+        Ok(match &self.engine {
+            Engine::Sqlite(pool) => {
+                commit_in!(pool, sqlite::BEGIN, sqlite, unique, rows, received_at)
+            }
+            Engine::Postgres(pool) => {
+                commit_in!(pool, postgres::BEGIN, postgres, unique, rows, received_at)
+            }
+        })
+    }
+}
+
+/// The units of `rows` that have no row any more (deleted since the request was validated).
+fn units_gone(units: &[StoredUnit], rows: &[(&str, &NewReading)]) -> Vec<(String, String)> {
+    let present: HashSet<(&str, &str)> = units
+        .iter()
+        .map(|u| (u.org_id.as_str(), u.unit_id.as_str()))
+        .collect();
+    let mut gone: Vec<(String, String)> = rows
+        .iter()
+        .filter(|(o, r)| !present.contains(&(*o, r.unit_id.as_str())))
+        .map(|(o, r)| (o.to_string(), r.unit_id.clone()))
+        .collect();
+    gone.sort_unstable();
+    gone.dedup();
+    gone
+}
+
+/// Each locked unit's verdict on the readings this commit inserted for it (the new ones only:
+/// duplicates were evaluated when first stored).
+fn decide<'u>(
+    units: &'u [StoredUnit],
+    unique: &[(&str, &NewReading)],
     inserted: &[StoredKey],
-) -> Vec<UnitLatest<'a>> {
+    received_at: i64,
+) -> Vec<(&'u StoredUnit, Verdict, Option<i64>)> {
     // The common case: every row was new, so there is nothing to filter.
     let stored: Option<HashSet<KeyRef<'_>>> =
-        (inserted.len() < rows.len()).then(|| inserted.iter().map(StoredKey::key).collect());
-    let mut latest: HashMap<(&str, &str), UnitLatest<'a>> = HashMap::new();
-    for (org, r) in rows {
+        (inserted.len() < unique.len()).then(|| inserted.iter().map(StoredKey::key).collect());
+    let mut by_unit: HashMap<(&str, &str), Vec<(i64, f64)>> = HashMap::new();
+    for (org, r) in unique {
         if let Some(stored) = &stored
             && !stored.contains(&key_ref(org, r))
         {
             continue;
         }
-        let entry = latest
+        by_unit
             .entry((org, r.unit_id.as_str()))
-            .or_insert(UnitLatest {
-                org_id: org,
-                unit_id: &r.unit_id,
-                recorded_at: r.recorded_at,
-                temperature: r.temperature,
-            });
-        if r.recorded_at >= entry.recorded_at {
-            entry.recorded_at = r.recorded_at;
-            entry.temperature = r.temperature;
-        }
+            .or_default()
+            .push((r.recorded_at, r.temperature));
     }
-    latest.into_values().collect()
+    units
+        .iter()
+        .filter_map(|u| {
+            let readings = by_unit.get(&(u.org_id.as_str(), u.unit_id.as_str()))?;
+            Some((u, verdict::on_readings(u, readings), Some(received_at)))
+        })
+        .collect()
 }
 
 #[cfg(test)]
@@ -202,7 +277,8 @@ mod tests {
         let first = store
             .commit_readings(&[("o", &a), ("o", &b), ("o", &a_again)], 5)
             .await
-            .unwrap();
+            .unwrap()
+            .outcomes;
         assert!(first[0].1 && first[1].1 && !first[2].1);
         assert_eq!(
             first[2].0, first[0].0,
@@ -212,7 +288,8 @@ mod tests {
         let second = store
             .commit_readings(&[("o", &c), ("o", &b)], 6)
             .await
-            .unwrap();
+            .unwrap()
+            .outcomes;
         assert!(second[0].1);
         assert_eq!(second[1], (first[1].0, false));
         let unit = store.get_unit("o", "u1").await.unwrap().unwrap();

@@ -7,6 +7,9 @@ use sqlx::SqlitePool;
 use sqlx::migrate::Migrator;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 
+/// Takes the write lock up front: the commit reads units, then writes them.
+pub(super) const BEGIN: &str = "BEGIN IMMEDIATE";
+
 pub(super) static MIGRATOR: Migrator = sqlx::migrate!("./migrations/sqlite");
 
 pub(super) async fn connect(url: &str) -> Result<SqlitePool, sqlx::Error> {
@@ -31,7 +34,7 @@ pub(super) async fn connect(url: &str) -> Result<SqlitePool, sqlx::Error> {
         .await
 }
 
-use super::readings::{StoredKey, latest_per_unit};
+use super::readings::StoredKey;
 use crate::ingest::NewReading;
 
 const INSERT: &str = "INSERT INTO readings (org_id, unit_id, device_id, temperature, humidity, \
@@ -45,17 +48,11 @@ const EXISTING: &str = "SELECT r.id, r.org_id, r.unit_id, r.recorded_at, r.devic
     FROM json_each($1) AS j JOIN readings AS r ON r.org_id = j.value->>0 AND r.unit_id = j.value->>1 \
     AND r.recorded_at = j.value->>2 AND r.device_id = j.value->>3 AND r.source = j.value->>4";
 
-const TOUCH_UNITS: &str = "UPDATE units SET \
-    last_reading_at = CASE WHEN last_reading_at IS NULL OR last_reading_at <= v.ts THEN v.ts ELSE last_reading_at END, \
-    last_temperature = CASE WHEN last_reading_at IS NULL OR last_reading_at <= v.ts THEN v.t ELSE last_temperature END, \
-    last_seen_at = $2 \
-    FROM (SELECT value->>0 AS o, value->>1 AS u, value->>2 AS ts, value->>3 AS t FROM json_each($1)) AS v \
-    WHERE units.org_id = v.o AND units.id = v.u";
-
-/// One group commit (see `store::readings`). Rows travel as one JSON parameter, so the statement
-/// is prepared once whatever the group's size, and SQLite's bound-parameter limit never applies.
-pub(super) async fn commit(
-    pool: &SqlitePool,
+/// The readings of one group commit (see `store::readings`), inside the caller's transaction.
+/// Rows travel as one JSON parameter, so the statement is prepared once whatever the group's
+/// size, and SQLite's bound-parameter limit never applies.
+pub(super) async fn insert(
+    tx: &mut sqlx::SqliteConnection,
     unique: &[(&str, &NewReading)],
     all: &[(&str, &NewReading)],
     received_at: i64,
@@ -77,7 +74,6 @@ pub(super) async fn commit(
         })
         .collect();
     let json = serde_json::to_string(&rows).map_err(|e| sqlx::Error::Encode(e.into()))?;
-    let mut tx = pool.begin().await?;
     let inserted: Vec<StoredKey> = sqlx::query_as(INSERT)
         .bind(&json)
         .bind(received_at)
@@ -96,18 +92,5 @@ pub(super) async fn commit(
     } else {
         Vec::new()
     };
-    let latest: Vec<_> = latest_per_unit(unique, &inserted)
-        .into_iter()
-        .map(|l| (l.org_id, l.unit_id, l.recorded_at, l.temperature))
-        .collect();
-    if !latest.is_empty() {
-        let json = serde_json::to_string(&latest).map_err(|e| sqlx::Error::Encode(e.into()))?;
-        sqlx::query(TOUCH_UNITS)
-            .bind(json)
-            .bind(received_at)
-            .execute(&mut *tx)
-            .await?;
-    }
-    tx.commit().await?;
     Ok((inserted, existing))
 }
