@@ -1,15 +1,15 @@
-//! A short-lived cache of units (site and thresholds), for validating ingest and evaluating
-//! alerts without a query per reading.
+//! A short-lived cache of which units exist and in which site, for validating ingest and plain
+//! WebSocket subscriptions without a query per reading.
 //!
-//! Entries live a few seconds, and this node's own writes (`PATCH`, `DELETE`) invalidate them at
-//! once, so a threshold change applies to the next reading here and within seconds on other
-//! nodes. Unknown units are not cached, so junk ids cannot grow it.
+//! It only ever short-cuts a lookup: thresholds and alert state are never read from here (the
+//! ingest commit reads them from the unit's locked row), and a unit deleted while an entry is
+//! still cached is refused at the commit. Entries live a few seconds; this node's own writes
+//! invalidate them after the write. Unknown units are not cached, so junk ids cannot grow it.
 
 use std::collections::HashMap;
 use std::sync::RwLock;
 use std::time::{Duration, Instant};
 
-use crate::alerts::Thresholds;
 use crate::store::{Result, Store};
 
 const TTL: Duration = Duration::from_secs(5);
@@ -17,9 +17,6 @@ const TTL: Duration = Duration::from_secs(5);
 #[derive(Debug, Clone)]
 pub struct UnitInfo {
     pub site_id: String,
-    pub name: String,
-    pub thresholds: Thresholds,
-    pub offline_after_seconds: i64,
 }
 
 pub struct Units {
@@ -48,12 +45,6 @@ impl Units {
         };
         let info = UnitInfo {
             site_id: row.site_id,
-            name: row.name,
-            thresholds: Thresholds {
-                min: row.temp_min,
-                max: row.temp_max,
-            },
-            offline_after_seconds: row.offline_after_seconds,
         };
         let mut cache = self.cache.write().unwrap();
         if cache.len() > 100_000 {

@@ -195,12 +195,12 @@ pub async fn update(
         patch.temp_max.unwrap_or(current.temp_max),
         patch.offline_after_seconds,
     )?;
-    app.units.invalidate(&admin.org_id, &id);
     let unit = app
         .store
         .update_unit(&admin.org_id, &id, &patch)
         .await?
         .ok_or_else(|| AppError::NotFound(format!("no unit {id:?}")))?;
+    app.units.invalidate(&admin.org_id, &id);
     Ok(JsonBody(unit.into()))
 }
 
@@ -214,8 +214,11 @@ pub async fn remove(
     Path(id): Path<String>,
 ) -> Result<StatusCode, AppError> {
     visible_unit(&app, &admin, &id).await?;
+    let deleted = app.store.delete_unit(&admin.org_id, &id).await?;
+    // After the write, so a concurrent request cannot put the old entry back; a request that
+    // validated against it meanwhile is refused at its commit, which reads the unit's row.
     app.units.invalidate(&admin.org_id, &id);
-    if app.store.delete_unit(&admin.org_id, &id).await? {
+    if deleted {
         Ok(StatusCode::NO_CONTENT)
     } else {
         Err(AppError::NotFound(format!("no unit {id:?}")))

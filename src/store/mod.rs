@@ -317,26 +317,29 @@ impl Store {
         self.get_unit(org, id).await
     }
 
-    /// Deletes a unit with its readings and alerts, in one transaction.
+    /// Deletes a unit with its readings and alerts, in one transaction. The unit's row goes
+    /// first: that waits for any commit holding its lock, so no reading of a commit racing the
+    /// delete is left behind for a unit re-created with the same id.
     pub async fn delete_unit(&self, org: &str, id: &str) -> Result<bool> {
         const STEPS: [&str; 3] = [
+            "DELETE FROM units WHERE org_id = $1 AND id = $2",
             "DELETE FROM readings WHERE org_id = $1 AND unit_id = $2",
             "DELETE FROM alerts WHERE org_id = $1 AND unit_id = $2",
-            "DELETE FROM units WHERE org_id = $1 AND id = $2",
         ];
         let deleted = with_pool!(self, |p| {
             let mut tx = p.begin().await?;
-            let mut last = 0;
+            let mut first = None;
             for sql in STEPS {
-                last = sqlx::query(sql)
+                let n = sqlx::query(sql)
                     .bind(org)
                     .bind(id)
                     .execute(&mut *tx)
                     .await?
                     .rows_affected();
+                first.get_or_insert(n);
             }
             tx.commit().await?;
-            Ok::<_, sqlx::Error>(last)
+            Ok::<_, sqlx::Error>(first.unwrap_or(0))
         })?;
         Ok(deleted > 0)
     }
