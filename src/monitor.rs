@@ -10,8 +10,8 @@
 //!   announcement, or lost its way out — and announces them. With several nodes any live node
 //!   may; the cluster stream keeps each event once (it drops a second copy of one outbox row).
 //!
-//! Rows this node has handed to the emitter and not yet deleted are "in flight": its own relay
-//! skips them, so a slow emitter does not make this node announce them twice.
+//! Rows this node has handed to the emitter and not yet deleted are "in flight": it renews their
+//! leases, and its own relay skips them, so a slow emitter makes no node announce them twice.
 
 use std::collections::HashSet;
 use std::time::Duration;
@@ -27,8 +27,9 @@ use crate::store::{OutboxEvent, Store, now_ms};
 /// How many expired rows one relay round takes.
 const RELAY_BATCH: i64 = 500;
 
-/// How often expired rows are looked for.
-const RELAY_EVERY: Duration = Duration::from_millis(500);
+/// How often expired rows are looked for, and this node's in-flight leases renewed (well within
+/// `LEASE_MS`).
+const RELAY_EVERY: Duration = Duration::from_millis(250);
 
 /// How long a shutdown waits for the emitter to report the last events out.
 const DRAIN: Duration = Duration::from_secs(3);
@@ -141,6 +142,12 @@ impl Monitor {
 
     async fn relay(&mut self) {
         self.flush_deletes().await;
+        if !self.in_flight.is_empty() {
+            let ids: Vec<i64> = self.in_flight.iter().copied().collect();
+            if let Err(e) = self.store.renew_outbox(&ids, now_ms()).await {
+                tracing::debug!(error = %e, "renewing the leases of events in flight failed");
+            }
+        }
         let claimed = match self.store.claim_outbox(now_ms(), RELAY_BATCH).await {
             Ok(claimed) => claimed,
             Err(e) => {

@@ -30,6 +30,22 @@ pub fn install() -> anyhow::Result<PrometheusHandle> {
 
 fn describe() {
     use metrics::{describe_counter, describe_gauge, describe_histogram};
+    describe_counter!(
+        "sensorwire_deliveries_deferred_total",
+        "Organisation events a socket could not take at once (its queue was full): it left live delivery and is caught up from the event log at its own pace"
+    );
+    describe_counter!(
+        "sensorwire_resyncs_total",
+        "sync:complete { recovered: false } sent to a connected socket, by reason (behind_retention: it fell further behind than the log keeps; redis_outage: events were lost while Redis was away)"
+    );
+    describe_histogram!(
+        "sensorwire_catchup_seconds",
+        "How long a socket that fell behind took to catch up and rejoin live delivery"
+    );
+    describe_gauge!(
+        "sensorwire_sockets_catching_up",
+        "Sockets currently being caught up from the event log"
+    );
     describe_gauge!(
         "sensorwire_sockets_connected",
         "Connected Socket.io sockets by transport at connect"
@@ -195,4 +211,21 @@ pub fn redis_outage() {
 
 pub fn plain_ws(delta: f64) {
     gauge!("sensorwire_plain_ws_connected").increment(delta);
+}
+
+/// A socket could not take an organisation event at once and is caught up instead.
+pub fn delivery_deferred() {
+    counter!("sensorwire_deliveries_deferred_total").increment(1);
+    gauge!("sensorwire_sockets_catching_up").increment(1.0);
+}
+
+/// A socket that fell behind is live again (caught up, or told to refetch, or gone).
+pub fn caught_up(took: Duration) {
+    gauge!("sensorwire_sockets_catching_up").decrement(1.0);
+    histogram!("sensorwire_catchup_seconds").record(took.as_secs_f64());
+}
+
+/// A connected socket was told `sync:complete { recovered: false }`.
+pub fn resync(reason: &'static str) {
+    counter!("sensorwire_resyncs_total", "reason" => reason).increment(1);
 }

@@ -22,7 +22,7 @@ use socketioxide::socket::Sid;
 use socketioxide::{BroadcastError, SendError, SocketError, SocketIo};
 use tokio::sync::{mpsc, oneshot};
 
-use super::history::{Entry, History, Replay};
+use super::history::{Entry, History, Replay, Since};
 use super::offset::{Clock, Offset, now_ms, stamp};
 use super::outbox::Outgoing;
 use super::session::Turn;
@@ -32,15 +32,18 @@ use crate::wire::{MissedEvent, SyncAck, SyncComplete};
 
 /// What a socket asks of the emitter.
 pub enum Command {
-    /// After a connect with `auth.offset`: replay, join `membership`, `sync:complete`. The
-    /// socket's first [`Turn`] is held until then, so its own events wait for the replay.
+    /// Replay, join `membership`, then — after a reconnect — `sync:complete`.
     Recover {
         sid: Sid,
         org: String,
         membership: Vec<String>,
         /// `None`: the client sent something that is not an offset.
-        after: Option<Offset>,
-        turn: Turn,
+        since: Option<Since>,
+        /// After a connect with `auth.offset`, the socket's first [`Turn`], held until then so
+        /// its own events wait for the replay.
+        turn: Option<Turn>,
+        /// Why the socket is being caught up.
+        cause: Cause,
     },
     /// The `sync` event: the same replay, as an ack.
     Sync {
@@ -49,6 +52,17 @@ pub enum Command {
         after: Option<Offset>,
         reply: oneshot::Sender<SyncAck>,
     },
+}
+
+/// Why a socket is replayed to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Cause {
+    /// It reconnected with an offset: `sync:complete` ends the replay either way.
+    Reconnect,
+    /// It was live but its queue was full for an event (since `Instant`): it catches up
+    /// silently, and only hears `sync:complete { recovered: false }` if the log no longer
+    /// reaches back to where it fell behind.
+    Behind(std::time::Instant),
 }
 
 /// How long organisation events stay available for replay, and how many per organisation.
@@ -125,8 +139,8 @@ async fn run_single<A: Adapter>(
         tokio::select! {
             biased;
             Some(command) = commands.recv() => {
-                handle(&io, command, &requeue, |org, after, membership| {
-                    let replay = history.replay(org, after, membership, now_ms());
+                handle(&io, command, &requeue, |org, since, membership| {
+                    let replay = history.replay(org, since, membership, now_ms());
                     async move { Ok(replay) }
                 })
                 .await;
@@ -148,12 +162,21 @@ async fn run_single<A: Adapter>(
                             rooms: out.rooms,
                         });
                         history.record(&org, entry.clone(), now);
-                        broadcast(&io, &entry.rooms, &entry.event, &entry.payload, None).await;
+                        let history = &mut history;
+                        deliver(&io, &org, &entry, &requeue, None, |org, since, membership| {
+                            let replay = history.replay(org, since, membership, now_ms());
+                            async move { Ok(replay) }
+                        })
+                        .await;
                         if let Some(id) = out.stored {
                             sent.send(id).ok();
                         }
                     }
-                    None => broadcast(&io, &out.rooms, &out.event, &out.payload, None).await,
+                    None => {
+                        // The live `sensor:reading` stream is not logged: a socket that misses
+                        // one gets the reading in its unit's batch.
+                        broadcast(&io, &out.rooms, &out.event, &out.payload, None).await;
+                    }
                 }
             }
             _ = sweep.tick() => {
@@ -198,20 +221,26 @@ async fn run_cluster<A: Adapter>(
             biased;
             t = tailed.recv() => match t {
                 Some(Tailed::Start(at)) => delivered = Some(at),
-                Some(Tailed::Entry(entry)) => {
+                Some(Tailed::Entry(org, entry)) => {
                     crate::observe::emitted(crate::observe::event_label(&entry.event));
-                    // Every node delivers the stream itself: local sockets only.
-                    broadcast(&io, &entry.rooms, &entry.event, &entry.payload, Some(true)).await;
                     delivered = Some(entry.offset);
+                    // Every node delivers the stream itself: local sockets only.
+                    let upto = entry.offset;
+                    deliver(&io, &org, &entry, &requeue, Some(true), |org, since, membership| {
+                        let log = log.clone();
+                        let (org, membership) = (org.to_string(), membership.to_vec());
+                        async move { log.replay(&org, since, upto, &membership).await }
+                    })
+                    .await;
                 }
                 None => break,
             },
             Some(command) = commands.recv(), if delivered.is_some() => {
                 let upto = delivered.unwrap_or(Offset { ms: 0, seq: 0 });
-                handle(&io, command, &requeue, |org, after, membership| {
+                handle(&io, command, &requeue, |org, since, membership| {
                     let log = log.clone();
                     let (org, membership) = (org.to_string(), membership.to_vec());
-                    async move { log.replay(&org, after, upto, &membership).await }
+                    async move { log.replay(&org, since, upto, &membership).await }
                 })
                 .await;
             }
@@ -332,13 +361,14 @@ async fn log_run<A: Adapter>(
 /// only; `Some(false)` through the cluster adapter, falling back to local delivery when that
 /// fails (the Redis adapter publishes before it delivers locally, and skips the local part when
 /// publishing fails).
+/// `true` when some socket's queue was full (and so that socket did not get it).
 async fn broadcast<A: Adapter>(
     io: &SocketIo<A>,
     rooms: &[String],
     event: &str,
     payload: &serde_json::value::RawValue,
     local: Option<bool>,
-) {
+) -> bool {
     let mut to = io.to(rooms.to_vec());
     if local == Some(true) {
         to = to.local();
@@ -350,19 +380,96 @@ async fn broadcast<A: Adapter>(
         }
         other => other,
     };
-    if let Err(e) = result {
-        // A full socket queue is a client that stopped reading: the slow-consumer sweep finds
-        // and closes it (and is woken now); anything else is worth a line.
-        super::slow::broadcast_failed(&e);
-        if !matches!(&e, BroadcastError::Socket(errors) if errors.iter().all(|e| matches!(e, SocketError::InternalChannelFull)))
-        {
+    let Err(e) = result else {
+        return false;
+    };
+    // A full socket queue is a client that is not reading: the slow-consumer sweep finds and
+    // closes it (and is woken now); anything else is worth a line.
+    super::slow::broadcast_failed(&e);
+    match &e {
+        BroadcastError::Socket(errors) => {
+            if !errors
+                .iter()
+                .all(|e| matches!(e, SocketError::InternalChannelFull))
+            {
+                tracing::warn!(event, error = %e, "broadcast did not reach every socket");
+            }
+            errors
+                .iter()
+                .any(|e| matches!(e, SocketError::InternalChannelFull))
+        }
+        _ => {
             tracing::warn!(event, error = %e, "broadcast did not reach every socket");
+            false
         }
     }
 }
 
+/// This node's sockets in `rooms` whose queue is full right now. They leave their organisation
+/// rooms before the event is broadcast, so they are not skipped: the caller catches them up
+/// from the log, starting with this event, at the pace they read.
+///
+/// A probe is one slot reservation per recipient, no encoding; socketioxide's broadcast skips a
+/// full socket without saying which, so this is the only way to know before it happens. (A
+/// queue filled by another sender between the probe and the broadcast is caught by
+/// [`broadcast`]'s report and handled the same way, see `deliver`.)
+fn fall_behind<A: Adapter>(io: &SocketIo<A>, rooms: &[String]) -> Vec<(Sid, Vec<String>)> {
+    let mut behind = Vec::new();
+    for socket in io.to(rooms.to_vec()).local().sockets() {
+        if super::slow::probe(&socket) != super::slow::Room::Full {
+            continue;
+        }
+        let Some(session) = socket.extensions.get::<Arc<super::Session>>() else {
+            continue;
+        };
+        let membership = super::rooms::membership(&session.claims());
+        socket.leave(membership.clone());
+        crate::observe::delivery_deferred();
+        tracing::debug!(sid = %socket.id, "socket queue full; catching it up from the log");
+        behind.push((socket.id, membership));
+    }
+    behind
+}
+
+/// Delivers an organisation event to this node's sockets; those that cannot take it now are
+/// caught up from the log (`replay`) instead of skipped.
+async fn deliver<A, F, Fut>(
+    io: &SocketIo<A>,
+    org: &str,
+    entry: &Entry,
+    requeue: &mpsc::Sender<Command>,
+    local: Option<bool>,
+    mut replay: F,
+) where
+    A: Adapter,
+    F: FnMut(&str, Since, &[String]) -> Fut,
+    Fut: std::future::Future<
+            Output = Result<Replay, socketioxide_redis::drivers::fred::fred_client::error::Error>,
+        >,
+{
+    let mut behind = fall_behind(io, &entry.rooms);
+    if broadcast(io, &entry.rooms, &entry.event, &entry.payload, local).await {
+        // Some queue filled between the probe and the broadcast (another sender took its last
+        // slot). Those full now are caught up from this event: at worst one of them gets it
+        // twice, never not at all.
+        behind.extend(fall_behind(io, &entry.rooms));
+    }
+    for (sid, membership) in behind {
+        let command = Command::Recover {
+            sid,
+            org: org.to_string(),
+            membership,
+            since: Some(Since::From(entry.offset)),
+            turn: None,
+            cause: Cause::Behind(std::time::Instant::now()),
+        };
+        handle(io, command, requeue, &mut replay).await;
+    }
+}
+
 /// Sends the rest of a replay as fast as the client reads it, then hands the replay back to the
-/// emitter to send what came meanwhile. A client that reads nothing for 10 s is let go.
+/// emitter to send what came meanwhile. A client that reads nothing for the slow-consumer grace
+/// is let go.
 async fn drain_then_resume<A: Adapter>(
     socket: socketioxide::extract::SocketRef<A>,
     events: Vec<Arc<Entry>>,
@@ -371,28 +478,50 @@ async fn drain_then_resume<A: Adapter>(
 ) {
     socket.extensions.insert(super::slow::Replaying);
     for e in &events {
-        let mut waited = Duration::ZERO;
-        loop {
-            match socket.emit(e.event.as_ref(), &e.payload) {
-                Ok(()) => break,
-                Err(SendError::Socket(SocketError::InternalChannelFull))
-                    if waited < Duration::from_secs(10) =>
-                {
-                    tokio::time::sleep(Duration::from_millis(10)).await;
-                    waited += Duration::from_millis(10);
-                }
-                Err(SendError::Socket(SocketError::InternalChannelFull)) => {
-                    tracing::info!(sid = %socket.id, "socket stopped reading during its replay; disconnecting");
-                    crate::observe::slow_consumer("socketio");
-                    socket.disconnect().ok();
-                    return;
-                }
-                Err(_) => return,
-            }
+        if !wait_for_room(&socket, |s| s.emit(e.event.as_ref(), &e.payload)).await {
+            finish(&again);
+            return;
         }
     }
     socket.extensions.remove::<super::slow::Replaying>();
     requeue.send(again).await.ok();
+}
+
+/// Retries `send` while the socket's queue is full, for up to the slow-consumer grace of no
+/// progress; then the client is let go as a slow consumer. `false` when the send did not happen.
+async fn wait_for_room<A: Adapter>(
+    socket: &socketioxide::extract::SocketRef<A>,
+    send: impl Fn(&socketioxide::extract::SocketRef<A>) -> Result<(), SendError>,
+) -> bool {
+    let mut waited = Duration::ZERO;
+    loop {
+        match send(socket) {
+            Ok(()) => return true,
+            Err(SendError::Socket(SocketError::InternalChannelFull))
+                if waited < super::slow::GRACE =>
+            {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                waited += Duration::from_millis(10);
+            }
+            Err(SendError::Socket(SocketError::InternalChannelFull)) => {
+                tracing::info!(sid = %socket.id, "socket stopped reading while being caught up; disconnecting");
+                super::slow::evict(socket.clone());
+                return false;
+            }
+            Err(_) => return false,
+        }
+    }
+}
+
+/// A catch-up ended without rejoining live delivery (the socket is gone).
+fn finish(command: &Command) {
+    if let Command::Recover {
+        cause: Cause::Behind(since),
+        ..
+    } = command
+    {
+        crate::observe::caught_up(since.elapsed());
+    }
 }
 
 /// Carries out a replay command, `replay` reading the log.
@@ -403,28 +532,28 @@ async fn handle<A, F, Fut>(
     replay: F,
 ) where
     A: Adapter,
-    F: FnOnce(&str, Offset, &[String]) -> Fut,
+    F: FnOnce(&str, Since, &[String]) -> Fut,
     Fut: std::future::Future<
             Output = Result<Replay, socketioxide_redis::drivers::fred::fred_client::error::Error>,
         >,
 {
-    let (org, membership, after) = match &command {
+    let (org, membership, since) = match &command {
         Command::Recover {
             org,
             membership,
-            after,
+            since,
             ..
-        }
-        | Command::Sync {
+        } => (org.clone(), membership.as_slice(), *since),
+        Command::Sync {
             org,
             membership,
             after,
             ..
-        } => (org.clone(), membership.as_slice(), *after),
+        } => (org.clone(), membership.as_slice(), after.map(Since::After)),
     };
-    let outcome = match after {
+    let outcome = match since {
         None => Replay::Lost,
-        Some(after) => match replay(&org, after, membership).await {
+        Some(since) => match replay(&org, since, membership).await {
             Ok(r) => r,
             Err(e) => {
                 tracing::warn!(error = %e, "reading the event log for a replay failed");
@@ -437,14 +566,25 @@ async fn handle<A, F, Fut>(
             sid,
             membership,
             turn,
+            cause,
             ..
         } => {
             let Some(socket) = io.get_socket(sid) else {
+                finish(&Command::Recover {
+                    sid,
+                    org,
+                    membership,
+                    since,
+                    turn: None,
+                    cause,
+                });
                 return;
             };
             let complete = match outcome {
                 Replay::Recovered { events, head } => {
-                    crate::observe::replay(true, events.len());
+                    if cause == Cause::Reconnect {
+                        crate::observe::replay(true, events.len());
+                    }
                     for (i, e) in events.iter().enumerate() {
                         match socket.emit(e.event.as_ref(), &e.payload) {
                             Ok(()) => {}
@@ -458,8 +598,9 @@ async fn handle<A, F, Fut>(
                                     sid,
                                     org: org.to_string(),
                                     membership,
-                                    after: Some(head),
+                                    since: Some(Since::After(head)),
                                     turn,
+                                    cause,
                                 };
                                 tokio::spawn(drain_then_resume(
                                     socket,
@@ -469,24 +610,57 @@ async fn handle<A, F, Fut>(
                                 ));
                                 return;
                             }
-                            Err(_) => return,
+                            Err(_) => {
+                                finish(&Command::Recover {
+                                    sid,
+                                    org,
+                                    membership,
+                                    since,
+                                    turn: None,
+                                    cause,
+                                });
+                                return;
+                            }
                         }
                     }
-                    SyncComplete {
-                        recovered: true,
-                        offset: Some(head.to_string()),
+                    match cause {
+                        Cause::Reconnect => Some(SyncComplete {
+                            recovered: true,
+                            offset: Some(head.to_string()),
+                        }),
+                        // Caught up: back to live delivery, silently.
+                        Cause::Behind(_) => None,
                     }
                 }
                 Replay::Lost => {
-                    crate::observe::replay(false, 0);
-                    SyncComplete {
+                    match cause {
+                        Cause::Reconnect => crate::observe::replay(false, 0),
+                        Cause::Behind(_) => crate::observe::resync("behind_retention"),
+                    }
+                    Some(SyncComplete {
                         recovered: false,
                         offset: None,
-                    }
+                    })
                 }
             };
+            // Joining and telling happen here, between two events, so the client refetches
+            // (on `recovered: false`) only once it is back in live delivery: nothing can fall
+            // between its refetch and the next live event.
             socket.join(membership);
-            socket.emit("sync:complete", &complete).ok();
+            if let Some(complete) = complete
+                && socket.emit("sync:complete", &complete).is_err()
+            {
+                // A queue still full (a client that fell behind the log is reading slowly): it
+                // gets the word as soon as it has room, before anything else of ours that
+                // does not fit.
+                let socket = socket.clone();
+                tokio::spawn(async move {
+                    wait_for_room(&socket, |s| s.emit("sync:complete", &complete)).await;
+                });
+            }
+            if let Cause::Behind(since) = cause {
+                crate::observe::caught_up(since.elapsed());
+            }
             drop(turn);
         }
         Command::Sync { reply, .. } => {

@@ -40,26 +40,51 @@ pub enum Replay {
     Lost,
 }
 
-/// Picks the events after `after` out of an organisation's log, which is in offset order.
-/// `after` itself must still be in the log: otherwise something after it may already be gone.
+/// Where a replay starts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Since {
+    /// After this offset: what a reconnecting client last saw.
+    After(Offset),
+    /// At this offset, included: the first event a live socket could not take.
+    From(Offset),
+}
+
+impl Since {
+    pub fn offset(self) -> Offset {
+        match self {
+            Since::After(o) | Since::From(o) => o,
+        }
+    }
+}
+
+/// Picks the events since `since` out of an organisation's log, which is in offset order.
+/// The offset itself must still be in the log: otherwise something after it may already be
+/// gone.
 pub fn replay_from<'a>(
     log: impl IntoIterator<Item = &'a Arc<Entry>>,
-    after: Offset,
+    since: Since,
     membership: &[String],
 ) -> Replay {
+    let at = since.offset();
     let mut found = false;
-    let mut head = after;
+    let mut head = at;
     let mut events = Vec::new();
     for entry in log {
-        if found {
-            head = entry.offset;
-            if entry.visible_in(membership) {
-                events.push(entry.clone());
+        if !found {
+            if entry.offset > at {
+                break;
             }
-        } else if entry.offset == after {
+            if entry.offset < at {
+                continue;
+            }
             found = true;
-        } else if entry.offset > after {
-            break;
+            if since == Since::After(at) {
+                continue;
+            }
+        }
+        head = entry.offset;
+        if entry.visible_in(membership) {
+            events.push(entry.clone());
         }
     }
     if found {
@@ -101,7 +126,7 @@ impl History {
     pub fn replay(
         &mut self,
         org: &str,
-        after: Offset,
+        since: Since,
         membership: &[String],
         now_ms: u64,
     ) -> Replay {
@@ -110,8 +135,8 @@ impl History {
         };
         expire(log, now_ms.saturating_sub(self.window_ms));
         // Binary search to the offset, then walk forward from there.
-        let start = log.partition_point(|e| e.offset < after);
-        replay_from(log.range(start..), after, membership)
+        let start = log.partition_point(|e| e.offset < since.offset());
+        replay_from(log.range(start..), since, membership)
     }
 
     /// Drops what has aged out everywhere, and organisations left with nothing (called now and
@@ -169,14 +194,24 @@ mod tests {
             h.record("org", entry(1000, i as u64, room), 1000);
         }
         let mine = vec!["a".to_string()];
-        let r = h.replay("org", Offset { ms: 1000, seq: 0 }, &mine, 1000);
+        let r = h.replay(
+            "org",
+            Since::After(Offset { ms: 1000, seq: 0 }),
+            &mine,
+            1000,
+        );
         assert_eq!(offsets(&r), vec![(1000, 2), (1000, 3)]);
         let Replay::Recovered { head, .. } = r else {
             unreachable!()
         };
         assert_eq!(head, Offset { ms: 1000, seq: 3 });
         // Nothing missed: recovered, nothing to send, head is the offset itself.
-        let r = h.replay("org", Offset { ms: 1000, seq: 3 }, &mine, 1000);
+        let r = h.replay(
+            "org",
+            Since::After(Offset { ms: 1000, seq: 3 }),
+            &mine,
+            1000,
+        );
         assert_eq!(offsets(&r), Vec::<(u64, u64)>::new());
     }
 
@@ -187,28 +222,68 @@ mod tests {
         h.record("org", entry(1500, 0, "a"), 1500);
         let mine = vec!["a".to_string()];
         assert!(matches!(
-            h.replay("org", Offset { ms: 1200, seq: 0 }, &mine, 1500),
+            h.replay(
+                "org",
+                Since::After(Offset { ms: 1200, seq: 0 }),
+                &mine,
+                1500
+            ),
             Replay::Lost
         ));
         assert!(matches!(
-            h.replay("other", Offset { ms: 1000, seq: 0 }, &mine, 1500),
+            h.replay(
+                "other",
+                Since::After(Offset { ms: 1000, seq: 0 }),
+                &mine,
+                1500
+            ),
             Replay::Lost
         ));
         assert!(matches!(
-            h.replay("org", Offset { ms: 1000, seq: 0 }, &mine, 1500),
+            h.replay(
+                "org",
+                Since::After(Offset { ms: 1000, seq: 0 }),
+                &mine,
+                1500
+            ),
             Replay::Recovered { .. }
         ));
         // 1000 is now older than the one-second window.
         assert!(matches!(
-            h.replay("org", Offset { ms: 1000, seq: 0 }, &mine, 2100),
+            h.replay(
+                "org",
+                Since::After(Offset { ms: 1000, seq: 0 }),
+                &mine,
+                2100
+            ),
             Replay::Lost
         ));
         assert!(matches!(
-            h.replay("org", Offset { ms: 1500, seq: 0 }, &mine, 2100),
+            h.replay(
+                "org",
+                Since::After(Offset { ms: 1500, seq: 0 }),
+                &mine,
+                2100
+            ),
             Replay::Recovered { .. }
         ));
         h.expire_all(3000);
         assert!(h.is_empty());
+    }
+
+    #[test]
+    fn a_catch_up_starts_at_the_event_it_missed() {
+        let mut h = History::new(60_000, 100);
+        for i in 0..4 {
+            h.record("org", entry(1000, i, "a"), 1000);
+        }
+        let mine = vec!["a".to_string()];
+        let r = h.replay("org", Since::From(Offset { ms: 1000, seq: 2 }), &mine, 1000);
+        assert_eq!(offsets(&r), vec![(1000, 2), (1000, 3)]);
+        assert!(matches!(
+            h.replay("org", Since::From(Offset { ms: 999, seq: 0 }), &mine, 1000),
+            Replay::Lost
+        ));
     }
 
     #[test]
@@ -220,11 +295,21 @@ mod tests {
         assert_eq!(h.len(), 3);
         let mine = vec!["a".to_string()];
         assert!(matches!(
-            h.replay("org", Offset { ms: 1000, seq: 1 }, &mine, 1000),
+            h.replay(
+                "org",
+                Since::After(Offset { ms: 1000, seq: 1 }),
+                &mine,
+                1000
+            ),
             Replay::Lost
         ));
         assert_eq!(
-            offsets(&h.replay("org", Offset { ms: 1000, seq: 2 }, &mine, 1000)),
+            offsets(&h.replay(
+                "org",
+                Since::After(Offset { ms: 1000, seq: 2 }),
+                &mine,
+                1000
+            )),
             vec![(1000, 3), (1000, 4)]
         );
     }

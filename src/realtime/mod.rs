@@ -191,8 +191,9 @@ pub async fn on_connect<A: Adapter>(
             sid: s.id,
             org: claims.org_id.clone(),
             membership: rooms::membership(&claims),
-            after,
-            turn,
+            since: after.map(history::Since::After),
+            turn: Some(turn),
+            cause: emitter::Cause::Reconnect,
         };
         if ctx.commands.send(command).await.is_err() {
             tracing::debug!(sid = %s.id, "shutting down; no replay");

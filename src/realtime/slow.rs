@@ -74,10 +74,14 @@ impl Default for SweepConfig {
             // A safety net: broadcasts that meet a full queue wake the sweep, so looking at every
             // socket of the node often would only cost CPU.
             every: Duration::from_secs(10),
-            grace: Duration::from_secs(2),
+            grace: GRACE,
         }
     }
 }
+
+/// How long a queue may stay full, with nothing taken from it, before its client is let go —
+/// whether it is live (the sweep) or being caught up (the emitter).
+pub const GRACE: Duration = Duration::from_secs(2);
 
 /// Wakes every sweep of the process: broadcasts report full queues without carrying a handle.
 /// A wake that finds a sweep busy is lost, and harmless: the next tick looks anyway.
@@ -205,7 +209,7 @@ impl Sweep {
 
 /// Lets a slow socket go: out of every room, counted once, then closed as directly as the
 /// transport allows.
-fn evict<A: Adapter>(socket: SocketRef<A>) {
+pub(super) fn evict<A: Adapter>(socket: SocketRef<A>) {
     socket.leave_all();
     crate::observe::slow_consumer("socketio");
     let killed = match socket.clone().disconnect() {

@@ -22,7 +22,7 @@ use fred::types::scripts::Script;
 use serde_json::value::RawValue;
 use socketioxide_redis::drivers::fred::fred_client as fred;
 
-use super::history::{Entry, Replay, replay_from};
+use super::history::{Entry, Replay, Since, replay_from};
 use super::offset::{Offset, stamp};
 
 const GLOBAL: &str = "sensorwire:events";
@@ -137,27 +137,28 @@ impl RedisLog {
             .collect()
     }
 
-    /// The events of `org` after `after` up to and including `upto` (where this node's
+    /// The events of `org` since `since` up to and including `upto` (where this node's
     /// delivery stands), that `membership` may see.
     pub async fn replay(
         &self,
         org: &str,
-        after: Offset,
+        since: Since,
         upto: Offset,
         membership: &[String],
     ) -> Result<Replay, fred::error::Error> {
-        if after > upto || after.ms < super::offset::now_ms().saturating_sub(self.window_ms) {
+        let at = since.offset();
+        if at > upto || at.ms < super::offset::now_ms().saturating_sub(self.window_ms) {
             return Ok(Replay::Lost);
         }
         let raw: Vec<StreamEntry> = self
             .client
-            .xrange(org_key(org), after.to_string(), upto.to_string(), None)
+            .xrange(org_key(org), at.to_string(), upto.to_string(), None)
             .await?;
         let log: Vec<Arc<Entry>> = raw
             .into_iter()
             .filter_map(|(id, fields)| decode(&id, fields).map(|(_, e)| Arc::new(e)))
             .collect();
-        Ok(replay_from(log.iter(), after, membership))
+        Ok(replay_from(log.iter(), since, membership))
     }
 }
 
@@ -191,7 +192,8 @@ fn entries_of(value: fred::types::Value) -> Result<Vec<StreamEntry>, fred::error
 pub enum Tailed {
     /// Where the stream ended when the tail started: this node delivers what comes after.
     Start(Offset),
-    Entry(Arc<Entry>),
+    /// An event and its organisation.
+    Entry(String, Arc<Entry>),
 }
 
 /// Reads the global stream from where it ends now, forever. A dedicated connection: `XREAD
@@ -252,9 +254,13 @@ pub async fn tail(client: fred::clients::Client, deliver: tokio::sync::mpsc::Sen
         }
         for (id, fields) in entries {
             match decode(&id, fields) {
-                Some((Some(_), entry)) => {
+                Some((Some(org), entry)) => {
                     from = entry.offset;
-                    if deliver.send(Tailed::Entry(Arc::new(entry))).await.is_err() {
+                    if deliver
+                        .send(Tailed::Entry(org, Arc::new(entry)))
+                        .await
+                        .is_err()
+                    {
                         return;
                     }
                 }

@@ -432,6 +432,17 @@ impl Store {
         })
     }
 
+    /// Keeps events this node is still announcing its own for another [`LEASE_MS`].
+    pub async fn renew_outbox(&self, ids: &[i64], now: i64) -> Result<()> {
+        match &self.engine {
+            Engine::Sqlite(p) => unit_state::sqlite::renew_outbox(p, ids, now + LEASE_MS).await?,
+            Engine::Postgres(p) => {
+                unit_state::postgres::renew_outbox(p, ids, now + LEASE_MS).await?
+            }
+        }
+        Ok(())
+    }
+
     /// Forgets announced events.
     pub async fn delete_outbox(&self, ids: &[i64]) -> Result<()> {
         match &self.engine {

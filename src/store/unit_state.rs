@@ -22,8 +22,10 @@ use crate::alerts::Thresholds;
 use crate::verdict::{StoredUnit, Verdict};
 use crate::wire::{AlertType, UnitStatus};
 
-/// How long the node that wrote an event has to announce it before any node may.
-pub const LEASE_MS: i64 = 3_000;
+/// How long an event is the writing node's to announce before any node may take it. The node
+/// renews the lease of what it still has in flight, so a slow emitter does not lose it; a
+/// dead node's events are taken over this long after its last renewal.
+pub const LEASE_MS: i64 = 2_000;
 
 /// An event of the outbox, as stored.
 #[derive(Debug, Clone, sqlx::FromRow)]
@@ -45,6 +47,7 @@ pub(super) struct Sql {
     resolve_alerts: String,
     insert_outbox: String,
     claim_outbox: String,
+    renew_outbox: String,
     delete_outbox: String,
 }
 
@@ -96,6 +99,10 @@ impl Sql {
                 "UPDATE event_outbox SET lease_until = $2 WHERE id IN (SELECT id FROM event_outbox \
                  WHERE lease_until <= $1 ORDER BY id LIMIT $3{skip_locked}) \
                  RETURNING id, org_id, event, rooms, payload"
+            ),
+            renew_outbox: format!(
+                "UPDATE event_outbox SET lease_until = $2 WHERE id IN \
+                 (SELECT CAST(value->>0 AS BIGINT) FROM {rows})"
             ),
             delete_outbox: format!(
                 "DELETE FROM event_outbox WHERE id IN \
@@ -387,6 +394,20 @@ macro_rules! engine_functions {
                 .await?;
             rows.sort_unstable_by_key(|e| e.id);
             Ok(rows)
+        }
+
+        pub(in crate::store) async fn renew_outbox(
+            pool: &sqlx::Pool<$db>,
+            ids: &[i64],
+            until: i64,
+        ) -> Result<(), sqlx::Error> {
+            let ids = serde_json::json!(ids.iter().map(|i| [i]).collect::<Vec<_>>()).to_string();
+            sqlx::query(&$sql.renew_outbox)
+                .bind(ids)
+                .bind(until)
+                .execute(pool)
+                .await?;
+            Ok(())
         }
 
         pub(in crate::store) async fn delete_outbox(
