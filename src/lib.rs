@@ -243,7 +243,12 @@ async fn serve<A: Adapter>(
             ingest.buffered(),
         ),
     );
-    let monitor = monitor::Monitor::new(store.clone(), outbox.clone(), bus.clone());
+    let monitor = monitor::Monitor::new(
+        store.clone(),
+        outbox.clone(),
+        bus.clone(),
+        l.batch_max_readings,
+    );
     let monitor = pipeline.spawn(
         "monitor",
         monitor.run(

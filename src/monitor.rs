@@ -22,7 +22,17 @@ use tokio::time::MissedTickBehavior;
 
 use crate::bus::Bus;
 use crate::realtime::outbox::Outbox;
-use crate::store::{OutboxEvent, Store, now_ms};
+use crate::realtime::rooms;
+use crate::store::{Leased, OutboxEvent, Store, now_ms};
+
+/// What one commit stored for announcement, handed over by the ingest writer.
+pub struct Handover {
+    /// Its alert and status events: announced now.
+    pub events: Vec<OutboxEvent>,
+    /// Its `pending_batches` row: announced by this node's fanout at its next flush; tracked
+    /// here (lease renewed) until the emitter reports it out.
+    pub pending: Option<i64>,
+}
 
 /// How many expired rows one relay round takes.
 const RELAY_BATCH: i64 = 500;
@@ -38,17 +48,20 @@ pub struct Monitor {
     store: Store,
     outbox: Outbox,
     bus: Bus,
-    in_flight: HashSet<i64>,
+    /// The most readings in one batch event (`BATCH_MAX_READINGS`).
+    max_per_event: usize,
+    in_flight: HashSet<Leased>,
     /// Announced rows whose delete failed (storage away): retried on the next tick.
-    to_delete: Vec<i64>,
+    to_delete: Vec<Leased>,
 }
 
 impl Monitor {
-    pub fn new(store: Store, outbox: Outbox, bus: Bus) -> Self {
+    pub fn new(store: Store, outbox: Outbox, bus: Bus, max_per_event: usize) -> Self {
         Monitor {
             store,
             outbox,
             bus,
+            max_per_event,
             in_flight: HashSet::new(),
             to_delete: Vec::new(),
         }
@@ -59,8 +72,8 @@ impl Monitor {
     /// what is in flight (or [`DRAIN`] has passed).
     pub async fn run(
         mut self,
-        mut committed: mpsc::Receiver<Vec<OutboxEvent>>,
-        mut sent: mpsc::UnboundedReceiver<i64>,
+        mut committed: mpsc::Receiver<Handover>,
+        mut sent: mpsc::UnboundedReceiver<Leased>,
         sweep_every: Duration,
     ) {
         let mut sweep = tokio::time::interval(sweep_every);
@@ -69,8 +82,14 @@ impl Monitor {
         relay.set_missed_tick_behavior(MissedTickBehavior::Delay);
         loop {
             tokio::select! {
-                events = committed.recv() => match events {
-                    Some(events) => self.announce(events).await,
+                // Biased: a commit's handover is taken before the emitter's report that its
+                // batches are out, which can only come after it.
+                biased;
+                handover = committed.recv() => match handover {
+                    Some(h) => {
+                        self.in_flight.extend(h.pending.map(Leased::Readings));
+                        self.announce(h.events).await;
+                    }
                     None => break,
                 },
                 Some(id) = sent.recv() => self.sent(id, &mut sent).await,
@@ -92,7 +111,7 @@ impl Monitor {
     async fn announce(&mut self, events: Vec<OutboxEvent>) {
         let mut alerts_changed: Vec<String> = Vec::new();
         for e in events {
-            if !self.in_flight.insert(e.id) {
+            if !self.in_flight.insert(Leased::Event(e.id)) {
                 continue;
             }
             let (Ok(rooms), Ok(payload)) = (
@@ -100,8 +119,8 @@ impl Monitor {
                 RawValue::from_string(e.payload),
             ) else {
                 tracing::error!(id = e.id, "malformed outbox event; dropped");
-                self.in_flight.remove(&e.id);
-                self.to_delete.push(e.id);
+                self.in_flight.remove(&Leased::Event(e.id));
+                self.to_delete.push(Leased::Event(e.id));
                 continue;
             };
             if e.event.starts_with("alert:") && !alerts_changed.contains(&e.org_id) {
@@ -117,8 +136,8 @@ impl Monitor {
         }
     }
 
-    /// The emitter sent `first` (and maybe more): delete their rows, in one statement.
-    async fn sent(&mut self, first: i64, more: &mut mpsc::UnboundedReceiver<i64>) {
+    /// The emitter sent `first` (and maybe more): delete their rows.
+    async fn sent(&mut self, first: Leased, more: &mut mpsc::UnboundedReceiver<Leased>) {
         self.to_delete.push(first);
         while let Ok(id) = more.try_recv() {
             self.to_delete.push(id);
@@ -130,7 +149,7 @@ impl Monitor {
         if self.to_delete.is_empty() {
             return;
         }
-        match self.store.delete_outbox(&self.to_delete).await {
+        match self.store.release(&self.to_delete).await {
             Ok(()) => {
                 for id in self.to_delete.drain(..) {
                     self.in_flight.remove(&id);
@@ -143,11 +162,12 @@ impl Monitor {
     async fn relay(&mut self) {
         self.flush_deletes().await;
         if !self.in_flight.is_empty() {
-            let ids: Vec<i64> = self.in_flight.iter().copied().collect();
-            if let Err(e) = self.store.renew_outbox(&ids, now_ms()).await {
-                tracing::debug!(error = %e, "renewing the leases of events in flight failed");
+            let leased: Vec<Leased> = self.in_flight.iter().copied().collect();
+            if let Err(e) = self.store.renew_leases(&leased, now_ms()).await {
+                tracing::debug!(error = %e, "renewing the leases of what is in flight failed");
             }
         }
+        self.relay_readings().await;
         let claimed = match self.store.claim_outbox(now_ms(), RELAY_BATCH).await {
             Ok(claimed) => claimed,
             Err(e) => {
@@ -157,7 +177,7 @@ impl Monitor {
         };
         let orphans: Vec<OutboxEvent> = claimed
             .into_iter()
-            .filter(|e| !self.in_flight.contains(&e.id))
+            .filter(|e| !self.in_flight.contains(&Leased::Event(e.id)))
             .collect();
         if !orphans.is_empty() {
             tracing::info!(
@@ -165,6 +185,66 @@ impl Monitor {
                 "announcing stored events that their node did not send"
             );
             self.announce(orphans).await;
+        }
+    }
+
+    /// Announces the readings of commits whose node died before its flush: read back from
+    /// storage, batched per unit in `recordedAt` order, sent like any batch.
+    async fn relay_readings(&mut self) {
+        let claimed = match self.store.claim_pending(now_ms(), 20).await {
+            Ok(claimed) => claimed,
+            Err(e) => {
+                tracing::debug!(error = %e, "reading the pending batches failed");
+                return;
+            }
+        };
+        for (id, ranges) in claimed {
+            let leased = Leased::Readings(id);
+            if self.in_flight.contains(&leased) {
+                continue;
+            }
+            let readings = match self.store.pending_readings(&ranges).await {
+                Ok(readings) => readings,
+                Err(e) => {
+                    tracing::warn!(error = %e, "reading back unannounced readings failed");
+                    continue;
+                }
+            };
+            tracing::info!(
+                readings = readings.len(),
+                "announcing stored readings that their node did not send"
+            );
+            self.in_flight.insert(leased);
+            let mut by_unit: std::collections::BTreeMap<(String, String), (String, Vec<_>)> =
+                Default::default();
+            for p in readings {
+                by_unit
+                    .entry((p.org_id, p.reading.unit_id.clone()))
+                    .or_insert_with(|| (p.site_id, Vec::new()))
+                    .1
+                    .push(crate::wire::SensorReading::from(p.reading));
+            }
+            let mut events = Vec::new();
+            for ((org, unit), (site, mut readings)) in by_unit {
+                readings.sort_by(|a, b| a.recorded_at.cmp(&b.recorded_at));
+                for batch in crate::realtime::batches(&unit, readings.iter(), self.max_per_event)
+                {
+                    events.push((org.clone(), site.clone(), batch));
+                }
+            }
+            let last = events.len();
+            for (i, (org, site, batch)) in events.into_iter().enumerate() {
+                let done = if i + 1 == last { vec![leased] } else { Vec::new() };
+                let rooms = rooms::unit_event_rooms(&org, &site).to_vec();
+                self.outbox
+                    .send_to_org_done(&org, rooms, "sensor:readings:batch", &batch, done)
+                    .await;
+            }
+            if last == 0 {
+                // Every unit of it is gone: nothing to announce.
+                self.in_flight.remove(&leased);
+                self.to_delete.push(leased);
+            }
         }
     }
 

@@ -6,7 +6,7 @@ mod common;
 
 use common::{Engine, TestDb, engines};
 use sensorwire::ingest::NewReading;
-use sensorwire::store::{NewUnit, OutboxEvent, Store};
+use sensorwire::store::{Leased, NewUnit, OutboxEvent, Store};
 use sensorwire::wire::AlertStatus;
 
 fn reading(unit: &str, at: i64, t: f64) -> NewReading {
@@ -269,7 +269,7 @@ async fn unannounced_events_are_claimed_after_their_lease() {
             a.claim_outbox(later, 100).await.unwrap().is_empty(),
             "leased again"
         );
-        b.delete_outbox(&[events[0].id, events[1].id])
+        b.release(&[Leased::Event(events[0].id), Leased::Event(events[1].id)])
             .await
             .unwrap();
         assert!(

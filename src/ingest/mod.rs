@@ -17,7 +17,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 pub use validate::{Invalid, MAX_FUTURE_MS, NewReading, validate};
 
 use crate::pipeline::Health;
-use crate::store::{OutboxEvent, Outcomes, Store, StoreError, now_ms};
+use crate::store::{Outcomes, Store, StoreError, now_ms};
 use crate::wire::SensorReading;
 
 /// The most rows one transaction carries.
@@ -39,6 +39,9 @@ pub struct Committed {
     pub committed_at: Instant,
     pub org_id: String,
     pub readings: Vec<Stored>,
+    /// On the last requests of a commit: its `pending_batches` row, done once the batches
+    /// holding these readings (and the requests' before it) are out.
+    pub release: Option<i64>,
 }
 
 /// Why a submission was not stored.
@@ -145,8 +148,9 @@ impl Ingest {
 pub struct Downstream {
     /// The stored readings, to live delivery and batching.
     pub readings: Vec<mpsc::Sender<Arc<Committed>>>,
-    /// The alert and status events the commits stored, to be announced.
-    pub announce: mpsc::Sender<Vec<OutboxEvent>>,
+    /// What each commit stored for announcement (its alert and status events, its pending
+    /// readings), to be tracked until it is out.
+    pub announce: mpsc::Sender<crate::monitor::Handover>,
 }
 
 /// The group-commit loop. On stop it commits what has already queued, then ends, which closes
@@ -298,18 +302,27 @@ async fn commit(
         }
         let now = buffered.fetch_add(stored.len(), Ordering::Relaxed) + stored.len();
         crate::observe::buffered(now);
-        handed.push(Arc::new(Committed {
+        handed.push(Committed {
             committed_at,
             org_id: job.org_id,
             readings: stored,
-        }));
+            release: None,
+        });
+    }
+    if let Some(last) = handed.last_mut() {
+        last.release = committed.pending;
     }
     // In commit order. Waiting here is the backpressure: a slow stage stops the next commit, the
     // queue fills, and ingest answers 503.
-    if !committed.events.is_empty() && !crate::fault::active("stall-announce") {
-        downstream.announce.send(committed.events).await.ok();
+    if !crate::fault::active("stall-announce") {
+        let handover = crate::monitor::Handover {
+            events: committed.events,
+            pending: committed.pending,
+        };
+        downstream.announce.send(handover).await.ok();
     }
     for committed in handed {
+        let committed = Arc::new(committed);
         for tx in &downstream.readings {
             tx.send(committed.clone()).await.ok();
         }

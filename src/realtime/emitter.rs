@@ -28,6 +28,7 @@ use super::outbox::Outgoing;
 use super::session::Turn;
 use super::stream::{Logged, RedisLog, Tailed};
 use crate::cluster::RedisHealth;
+use crate::store::Leased;
 use crate::wire::{MissedEvent, SyncAck, SyncComplete};
 
 /// What a socket asks of the emitter.
@@ -99,9 +100,9 @@ pub async fn run<A: Adapter>(
     tracing::debug!("emitter stopped");
 }
 
-/// Where the emitter reports events of the storage outbox once they are out (logged to the
-/// cluster stream, or broadcast on one node), so their rows can be deleted.
-pub type Sent = mpsc::UnboundedSender<i64>;
+/// Where the emitter reports stored rows whose announcement is out (logged to the cluster
+/// stream, or broadcast on one node), so they can be deleted.
+pub type Sent = mpsc::UnboundedSender<Leased>;
 
 /// The next event from the outbox; after `stop`, only what was already queued.
 async fn next_outgoing(
@@ -168,8 +169,8 @@ async fn run_single<A: Adapter>(
                             async move { Ok(replay) }
                         })
                         .await;
-                        if let Some(id) = out.stored {
-                            sent.send(id).ok();
+                        for done in out.done {
+                            sent.send(done).ok();
                         }
                     }
                     None => {
@@ -323,8 +324,8 @@ async fn log_run<A: Adapter>(
     run: Vec<Outgoing>,
 ) -> Option<Offset> {
     let report = |run: &[Outgoing]| {
-        for id in run.iter().filter_map(|o| o.stored) {
-            sent.send(id).ok();
+        for done in run.iter().flat_map(|o| &o.done) {
+            sent.send(*done).ok();
         }
     };
     if health.is_up() {
@@ -335,7 +336,10 @@ async fn log_run<A: Adapter>(
                 event: &o.event,
                 rooms: &o.rooms,
                 payload: &o.payload,
-                stored: o.stored,
+                stored: o.done.iter().find_map(|d| match d {
+                    Leased::Event(id) => Some(*id),
+                    Leased::Readings(_) => None,
+                }),
             })
             .collect();
         match log.append(&events).await {

@@ -17,7 +17,26 @@ use tokio::time::MissedTickBehavior;
 use super::outbox::Outbox;
 use super::rooms;
 use crate::ingest::{Committed, Stored};
-use crate::wire::ReadingsBatch;
+use crate::store::Leased;
+use crate::wire::{ReadingsBatch, SensorReading};
+
+/// One unit's readings, in the order given, as batch events of at most `max_per_event`.
+pub fn batches<'a>(
+    unit: &str,
+    readings: impl Iterator<Item = &'a SensorReading>,
+    max_per_event: usize,
+) -> Vec<ReadingsBatch> {
+    let readings: Vec<&SensorReading> = readings.collect();
+    readings
+        .chunks(max_per_event.max(1))
+        .map(|chunk| ReadingsBatch {
+            unit_id: unit.to_string(),
+            readings: chunk.iter().map(|r| (*r).clone()).collect(),
+            count: chunk.len(),
+            offset: None,
+        })
+        .collect()
+}
 
 struct UnitBuffer {
     site_id: String,
@@ -33,6 +52,8 @@ pub async fn run(
     buffered: Arc<AtomicUsize>,
 ) {
     let mut buffers: HashMap<(String, String), UnitBuffer> = HashMap::new();
+    // Commits whose readings are all in `buffers`: done once the next flush is out.
+    let mut release: Vec<Leased> = Vec::new();
     let mut tick = tokio::time::interval(flush_every);
     tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
     loop {
@@ -51,38 +72,44 @@ pub async fn run(
                         .readings
                         .push(s.clone());
                 }
+                release.extend(c.release.map(Leased::Readings));
                 // Plain WebSocket delivery copies every reading: only when someone may want it.
                 if bus.wanted(&c.org_id) {
                     let plain = c.readings.iter().map(|s| (s.site_id.clone(), s.reading.clone())).collect();
                     bus.readings(&c.org_id, plain).await;
                 }
             }
-            _ = tick.tick() => flush(&mut buffers, &outbox, max_per_event, &buffered).await,
+            _ = tick.tick() => flush(&mut buffers, &mut release, &outbox, max_per_event, &buffered).await,
         }
     }
-    flush(&mut buffers, &outbox, max_per_event, &buffered).await;
+    flush(&mut buffers, &mut release, &outbox, max_per_event, &buffered).await;
     tracing::debug!("fanout stopped");
 }
 
+/// Sends every buffered unit's batches; the last event carries `release`, the commits whose
+/// readings are all announced once it is out.
 async fn flush(
     buffers: &mut HashMap<(String, String), UnitBuffer>,
+    release: &mut Vec<Leased>,
     outbox: &Outbox,
     max_per_event: usize,
     buffered: &AtomicUsize,
 ) {
-    for ((org, unit), mut buf) in buffers.drain() {
+    let units = buffers.len();
+    for (i, ((org, unit), mut buf)) in buffers.drain().enumerate() {
         // Stable sort: readings with the same time keep their arrival order.
         buf.readings.sort_by_key(|s| s.recorded_at);
-        for chunk in buf.readings.chunks(max_per_event) {
-            let batch = ReadingsBatch {
-                unit_id: unit.clone(),
-                readings: chunk.iter().map(|s| s.reading.clone()).collect(),
-                count: chunk.len(),
-                offset: None,
-            };
+        let batches = batches(&unit, buf.readings.iter().map(|s| &s.reading), max_per_event);
+        let count = batches.len();
+        for (j, batch) in batches.into_iter().enumerate() {
             let rooms = rooms::unit_event_rooms(&org, &buf.site_id).to_vec();
+            let done = if i + 1 == units && j + 1 == count {
+                std::mem::take(release)
+            } else {
+                Vec::new()
+            };
             outbox
-                .send_to_org(&org, rooms, "sensor:readings:batch", &batch)
+                .send_to_org_done(&org, rooms, "sensor:readings:batch", &batch, done)
                 .await;
         }
         if let Some(oldest) = buf.readings.iter().map(|s| s.committed_at).min() {

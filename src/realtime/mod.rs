@@ -28,7 +28,7 @@ use socketioxide::extract::{Extension, SocketRef, State, TryData};
 use socketioxide::socket::{DisconnectReason, Sid};
 use socketioxide::{SocketIo, SocketIoBuilder};
 
-pub use fanout::run as run_fanout;
+pub use fanout::{batches, run as run_fanout};
 pub use session::Session;
 
 use crate::auth::jwt::now_secs;

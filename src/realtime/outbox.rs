@@ -10,6 +10,8 @@ use serde::Serialize;
 use serde_json::value::RawValue;
 use tokio::sync::mpsc;
 
+use crate::store::Leased;
+
 pub struct Outgoing {
     /// The organisation whose event log it goes into (with an offset), or `None` for the live
     /// `sensor:reading` stream, which is not logged.
@@ -17,9 +19,10 @@ pub struct Outgoing {
     pub rooms: Vec<String>,
     pub event: Cow<'static, str>,
     pub payload: Box<RawValue>,
-    /// The `event_outbox` row it comes from: the emitter reports it once the event is out, so
-    /// the row can go (see `monitor`).
-    pub stored: Option<i64>,
+    /// Stored rows this event completes the announcement of (its `event_outbox` row; the
+    /// `pending_batches` rows of a flush, on the flush's last batch): the emitter reports them
+    /// once the event is out, so the rows can go (see `monitor`).
+    pub done: Vec<Leased>,
 }
 
 /// Where pipeline stages send events; cheap to clone. Bounded: a stalled emitter stalls the
@@ -50,6 +53,19 @@ impl Outbox {
             .await
     }
 
+    /// Like [`Outbox::send_to_org`], completing the announcement of stored rows.
+    pub async fn send_to_org_done<T: Serialize>(
+        &self,
+        org: &str,
+        rooms: Vec<String>,
+        event: &'static str,
+        payload: &T,
+        done: Vec<Leased>,
+    ) {
+        self.put_done(Some(org.to_string()), rooms, Cow::Borrowed(event), payload, done)
+            .await
+    }
+
     /// Like [`Outbox::send_to_org`], for event names chosen at run time (published events).
     pub async fn send_dynamic<T: Serialize>(
         &self,
@@ -76,7 +92,7 @@ impl Outbox {
             rooms,
             event: Cow::Owned(event),
             payload,
-            stored: Some(id),
+            done: vec![Leased::Event(id)],
         };
         if self.0.send(out).await.is_err() {
             tracing::warn!("emitter stopped; stored event left for the next announcement");
@@ -89,6 +105,17 @@ impl Outbox {
         rooms: Vec<String>,
         event: impl Into<Cow<'static, str>>,
         payload: &T,
+    ) {
+        self.put_done(org, rooms, event, payload, Vec::new()).await
+    }
+
+    async fn put_done<T: Serialize>(
+        &self,
+        org: Option<String>,
+        rooms: Vec<String>,
+        event: impl Into<Cow<'static, str>>,
+        payload: &T,
+        done: Vec<Leased>,
     ) {
         let event = event.into();
         let payload = match serde_json::value::to_raw_value(payload) {
@@ -105,7 +132,7 @@ impl Outbox {
                 rooms,
                 event,
                 payload,
-                stored: None,
+                done,
             })
             .await
             .is_err()

@@ -19,7 +19,7 @@ use sqlx::{PgPool, SqlitePool};
 
 pub use readings::{Committed, Outcomes, ReadingKey};
 pub use rows::{AlertRow, ApiKeyRow, ReadingRow, UnitRow};
-pub use unit_state::{LEASE_MS, OutboxEvent};
+pub use unit_state::{LEASE_MS, Leased, OutboxEvent, PendingReading};
 
 use crate::wire::{AlertStatus, Site, UpdateUnit};
 
@@ -432,24 +432,40 @@ impl Store {
         })
     }
 
-    /// Keeps events this node is still announcing its own for another [`LEASE_MS`].
-    pub async fn renew_outbox(&self, ids: &[i64], now: i64) -> Result<()> {
+    /// Keeps what this node is still announcing its own for another [`LEASE_MS`].
+    pub async fn renew_leases(&self, leased: &[Leased], now: i64) -> Result<()> {
+        let until = Some(now + LEASE_MS);
         match &self.engine {
-            Engine::Sqlite(p) => unit_state::sqlite::renew_outbox(p, ids, now + LEASE_MS).await?,
-            Engine::Postgres(p) => {
-                unit_state::postgres::renew_outbox(p, ids, now + LEASE_MS).await?
-            }
+            Engine::Sqlite(p) => unit_state::sqlite::leases(p, leased, until).await?,
+            Engine::Postgres(p) => unit_state::postgres::leases(p, leased, until).await?,
         }
         Ok(())
     }
 
-    /// Forgets announced events.
-    pub async fn delete_outbox(&self, ids: &[i64]) -> Result<()> {
+    /// Forgets what has been announced.
+    pub async fn release(&self, leased: &[Leased]) -> Result<()> {
         match &self.engine {
-            Engine::Sqlite(p) => unit_state::sqlite::delete_outbox(p, ids).await?,
-            Engine::Postgres(p) => unit_state::postgres::delete_outbox(p, ids).await?,
+            Engine::Sqlite(p) => unit_state::sqlite::leases(p, leased, None).await?,
+            Engine::Postgres(p) => unit_state::postgres::leases(p, leased, None).await?,
         }
         Ok(())
+    }
+
+    /// Commits whose readings no node announced within the lease (their node died before its
+    /// flush): their ids as JSON ranges, leased to the caller.
+    pub async fn claim_pending(&self, now: i64, limit: i64) -> Result<Vec<(i64, String)>> {
+        Ok(match &self.engine {
+            Engine::Sqlite(p) => unit_state::sqlite::claim_pending(p, now, limit).await?,
+            Engine::Postgres(p) => unit_state::postgres::claim_pending(p, now, limit).await?,
+        })
+    }
+
+    /// The readings of a pending row (those whose unit still exists), in id order.
+    pub async fn pending_readings(&self, ranges: &str) -> Result<Vec<PendingReading>> {
+        Ok(match &self.engine {
+            Engine::Sqlite(p) => unit_state::sqlite::pending_readings(p, ranges).await?,
+            Engine::Postgres(p) => unit_state::postgres::pending_readings(p, ranges).await?,
+        })
     }
 
     /// Units that have sent readings but none for their offline timeout, and are not offline yet.

@@ -87,6 +87,8 @@ pub struct Committed {
     pub outcomes: Outcomes,
     /// The alert and status events of the commit, in the outbox (see `unit_state`).
     pub events: Vec<OutboxEvent>,
+    /// The `pending_batches` row of the new readings, until their batches are out.
+    pub pending: Option<i64>,
 }
 
 /// Runs one group commit in one engine: lock the units, store the readings, decide and write
@@ -103,9 +105,15 @@ macro_rules! commit_in {
         let (inserted, existing) = $engine::insert(&mut tx, $unique, $all, $received_at).await?;
         let verdicts = decide(&units, $unique, &inserted, $received_at);
         let events = unit_state::$engine::write_verdicts(&mut tx, &verdicts, $received_at).await?;
+        let pending = if inserted.is_empty() {
+            None
+        } else {
+            let ranges = unit_state::id_ranges(inserted.iter().map(|k| k.id).collect());
+            Some(unit_state::$engine::insert_pending(&mut tx, &ranges, $received_at).await?)
+        };
         tx.commit().await?;
         unit_state::observe(&verdicts);
-        (inserted, existing, events)
+        (inserted, existing, events, pending)
     }};
 }
 
@@ -133,7 +141,7 @@ impl Store {
         // Locks are taken in one order, so a deadlock should not happen; a serialization
         // failure or deadlock reported anyway is retried rather than failing the whole group.
         let mut attempt = 0;
-        let (inserted, existing, events) = loop {
+        let (inserted, existing, events, pending) = loop {
             match self.commit_once(&unique, rows, received_at).await {
                 Err(StoreError::Contended(e)) if attempt < 5 => {
                     attempt += 1;
@@ -163,7 +171,11 @@ impl Store {
                 }
             })
             .collect::<Result<_>>()?;
-        Ok(Committed { outcomes, events })
+        Ok(Committed {
+            outcomes,
+            events,
+            pending,
+        })
     }
 }
 
@@ -173,7 +185,7 @@ impl Store {
         unique: &[(&str, &NewReading)],
         rows: &[(&str, &NewReading)],
         received_at: i64,
-    ) -> Result<(Vec<StoredKey>, Vec<StoredKey>, Vec<OutboxEvent>)> {
+    ) -> Result<(Vec<StoredKey>, Vec<StoredKey>, Vec<OutboxEvent>, Option<i64>)> {
         Ok(match &self.engine {
             Engine::Sqlite(pool) => {
                 commit_in!(pool, sqlite::BEGIN, sqlite, unique, rows, received_at)

@@ -38,6 +38,37 @@ pub struct OutboxEvent {
     pub payload: String,
 }
 
+/// What a lease is held on: events to announce, or readings to announce in batches.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Leased {
+    /// An `event_outbox` row.
+    Event(i64),
+    /// A `pending_batches` row.
+    Readings(i64),
+}
+
+/// A stored reading not yet announced in a batch, with what its batch needs.
+#[derive(Debug, sqlx::FromRow)]
+pub struct PendingReading {
+    pub org_id: String,
+    pub site_id: String,
+    #[sqlx(flatten)]
+    pub reading: super::ReadingRow,
+}
+
+/// A commit's new reading ids as the JSON ranges of a `pending_batches` row.
+pub(super) fn id_ranges(mut ids: Vec<i64>) -> String {
+    ids.sort_unstable();
+    let mut ranges: Vec<[i64; 2]> = Vec::new();
+    for id in ids {
+        match ranges.last_mut() {
+            Some(r) if r[1] + 1 == id => r[1] = id,
+            _ => ranges.push([id, id]),
+        }
+    }
+    json!(ranges).to_string()
+}
+
 /// The statements, in one engine's dialect.
 pub(super) struct Sql {
     lock_units: String,
@@ -49,6 +80,11 @@ pub(super) struct Sql {
     claim_outbox: String,
     renew_outbox: String,
     delete_outbox: String,
+    insert_pending: String,
+    claim_pending: String,
+    renew_pending: String,
+    delete_pending: String,
+    pending_readings: String,
 }
 
 impl Sql {
@@ -107,6 +143,29 @@ impl Sql {
             delete_outbox: format!(
                 "DELETE FROM event_outbox WHERE id IN \
                  (SELECT CAST(value->>0 AS BIGINT) FROM {rows})"
+            ),
+            insert_pending: "INSERT INTO pending_batches (ranges, created_at, lease_until) \
+                             VALUES ($1, $2, $3) RETURNING id"
+                .to_string(),
+            claim_pending: format!(
+                "UPDATE pending_batches SET lease_until = $2 WHERE id IN (SELECT id \
+                 FROM pending_batches WHERE lease_until <= $1 ORDER BY id LIMIT $3{skip_locked}) \
+                 RETURNING id, ranges"
+            ),
+            renew_pending: format!(
+                "UPDATE pending_batches SET lease_until = $2 WHERE id IN \
+                 (SELECT CAST(value->>0 AS BIGINT) FROM {rows})"
+            ),
+            delete_pending: format!(
+                "DELETE FROM pending_batches WHERE id IN \
+                 (SELECT CAST(value->>0 AS BIGINT) FROM {rows})"
+            ),
+            pending_readings: format!(
+                "SELECT r.org_id, u.site_id, r.id, r.unit_id, r.device_id, r.temperature, \
+                 r.humidity, r.battery, r.signal_strength, r.recorded_at, r.source \
+                 FROM (SELECT CAST(value->>0 AS BIGINT) AS lo, CAST(value->>1 AS BIGINT) AS hi \
+                 FROM {rows}) AS k JOIN readings AS r ON r.id BETWEEN k.lo AND k.hi \
+                 JOIN units AS u ON u.org_id = r.org_id AND u.id = r.unit_id ORDER BY r.id"
             ),
         }
     }
@@ -396,31 +455,80 @@ macro_rules! engine_functions {
             Ok(rows)
         }
 
-        pub(in crate::store) async fn renew_outbox(
+        pub(in crate::store) async fn insert_pending(
+            conn: &mut $conn,
+            ranges: &str,
+            now: i64,
+        ) -> Result<i64, sqlx::Error> {
+            let row = sqlx::query(&$sql.insert_pending)
+                .bind(ranges)
+                .bind(now)
+                .bind(now + LEASE_MS)
+                .fetch_one(&mut *conn)
+                .await?;
+            row.try_get(0)
+        }
+
+        pub(in crate::store) async fn claim_pending(
             pool: &sqlx::Pool<$db>,
-            ids: &[i64],
-            until: i64,
+            now: i64,
+            limit: i64,
+        ) -> Result<Vec<(i64, String)>, sqlx::Error> {
+            let mut rows: Vec<(i64, String)> = sqlx::query_as(&$sql.claim_pending)
+                .bind(now)
+                .bind(now + LEASE_MS)
+                .bind(limit)
+                .fetch_all(pool)
+                .await?;
+            rows.sort_unstable();
+            Ok(rows)
+        }
+
+        pub(in crate::store) async fn pending_readings(
+            pool: &sqlx::Pool<$db>,
+            ranges: &str,
+        ) -> Result<Vec<crate::store::unit_state::PendingReading>, sqlx::Error> {
+            sqlx::query_as(&$sql.pending_readings)
+                .bind(ranges)
+                .fetch_all(pool)
+                .await
+        }
+
+        /// Renews (`Some(until)`) or deletes (`None`) leased rows.
+        pub(in crate::store) async fn leases(
+            pool: &sqlx::Pool<$db>,
+            leased: &[crate::store::unit_state::Leased],
+            until: Option<i64>,
         ) -> Result<(), sqlx::Error> {
-            let ids = serde_json::json!(ids.iter().map(|i| [i]).collect::<Vec<_>>()).to_string();
-            sqlx::query(&$sql.renew_outbox)
-                .bind(ids)
-                .bind(until)
+            use crate::store::unit_state::Leased;
+            let sql = &*$sql;
+            let (events, readings): (Vec<_>, Vec<_>) =
+                leased.iter().partition(|l| matches!(l, Leased::Event(_)));
+            for (rows, renew, delete) in [
+                (events, &sql.renew_outbox, &sql.delete_outbox),
+                (readings, &sql.renew_pending, &sql.delete_pending),
+            ] {
+                if rows.is_empty() {
+                    continue;
+                }
+                let ids = serde_json::json!(
+                    rows.iter()
+                        .map(|l| match l {
+                            Leased::Event(id) | Leased::Readings(id) => [*id],
+                        })
+                        .collect::<Vec<_>>()
+                )
+                .to_string();
+                match until {
+                    Some(until) => sqlx::query(renew).bind(ids).bind(until),
+                    None => sqlx::query(delete).bind(ids),
+                }
                 .execute(pool)
                 .await?;
+            }
             Ok(())
         }
 
-        pub(in crate::store) async fn delete_outbox(
-            pool: &sqlx::Pool<$db>,
-            ids: &[i64],
-        ) -> Result<(), sqlx::Error> {
-            let ids = serde_json::json!(ids.iter().map(|i| [i]).collect::<Vec<_>>()).to_string();
-            sqlx::query(&$sql.delete_outbox)
-                .bind(ids)
-                .execute(pool)
-                .await?;
-            Ok(())
-        }
     };
 }
 
