@@ -86,7 +86,9 @@ const SYNC_TIMEOUT_MS = 10_000;
  * and sends it with the token on every (re)connect. The gateway then replays what this tab missed
  * (through the same handlers as live events) and says `sync:complete { recovered: true }` — nothing
  * to refetch. `recovered: false` (offset unknown or too old), or a connect without an offset, means
- * the REST queries are refetched instead.
+ * the REST queries are refetched instead. The gateway may also send `sync:complete
+ * { recovered: false }` on a live connection, with no reconnect, when this socket missed events it
+ * cannot replay: the same refetch, the socket and its rooms staying as they are.
  */
 export function RealtimeProvider({ children }: { children: ReactNode }) {
   const queryClient = useQueryClient();
@@ -226,12 +228,19 @@ export function RealtimeProvider({ children }: { children: ReactNode }) {
     };
 
     /**
-     * Whatever happened while we were away: read it again. Alerts that opened meanwhile (active now,
-     * unknown before) get their toast, as they would have live.
+     * Whatever happened while we were away (or while events did not reach us): read it again. Every
+     * query is invalidated — the ones on screen (units, active alerts, the open chart's readings,
+     * sites) refetch now, the others when next shown. Alerts that opened meanwhile (active now,
+     * unknown before) get their toast, as they would have live (those that closed meanwhile leave
+     * the refetched list, and <Toasts> shows only active ones).
+     *
+     * `cancelInFlight`: a fetch already under way may have been answered before the events we
+     * missed were stored, so after `sync:complete { recovered: false }` it is restarted rather than
+     * awaited. (A first load that has no data yet is never cancelled; TanStack Query awaits it.)
      */
-    const refetchAll = async () => {
+    const refetchAll = async (cancelInFlight = false) => {
       const known = queryClient.getQueryData<Alert[]>(keys.activeAlerts);
-      await queryClient.invalidateQueries(undefined, { cancelRefetch: false });
+      await queryClient.invalidateQueries(undefined, { cancelRefetch: cancelInFlight });
       if (disposed || !known) return; // the first load: nothing was missed
       const active = queryClient.getQueryData<Alert[]>(keys.activeAlerts) ?? [];
       for (const a of active) {
@@ -254,14 +263,30 @@ export function RealtimeProvider({ children }: { children: ReactNode }) {
       scheduleRenewal();
     };
 
+    /**
+     * After a handshake with an offset, or at any time on a live connection (the gateway knows this
+     * socket missed events it cannot replay). Either way the socket and its rooms stay as they are.
+     */
     const onSyncComplete = ({ recovered, offset }: SyncComplete) => {
       clearTimeout(syncTimer);
       if (recovered) {
-        // Every missed event went through the handlers below already: nothing to refetch.
+        // Every missed event went through the handlers below already: nothing to refetch. Without
+        // a reconnect before it, nothing was missed at all: `offset` is the newest this socket has
+        // seen, i.e. where it already stands.
         if (offset) lastOffset.current = offset;
-      } else {
-        void refetchAll();
+        return;
       }
+      // Events after `lastOffset` are gone for us: a replay from it would skip them and re-apply,
+      // on top of the fresher REST answers, events we already had (an alert reopened, a status
+      // undone) — or be refused anyway when the hole is older than the retention window. So the
+      // offset is dropped, not kept: a reconnect before the next event sends none and refetches
+      // (as on a first connect), and the next event received — the gateway sends this notice as
+      // the socket goes back to live delivery, so that event comes after the hole — gives a new
+      // one to replay from. (Should a live event slip in just before the notice, its good offset
+      // is dropped too: that costs one refetch at most, never a gap.) `recovered: false` carries
+      // no offset of the gateway's to take instead.
+      lastOffset.current = null;
+      void refetchAll(true);
     };
 
     // Any event whose payload has an `offset` (batches, alerts, status, published events, replayed
