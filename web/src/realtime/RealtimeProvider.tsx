@@ -206,14 +206,22 @@ export function RealtimeProvider({ children }: { children: ReactNode }) {
       if (!token) return;
       const left = secondsLeft(token);
       if (!Number.isFinite(left)) return;
-      const delay = Math.max(0, (left - RENEW_BEFORE_SECS) * 1000);
+      // A little past the renewal point: a timer may fire a few milliseconds early, and
+      // `getToken` only fetches a new token once the current one is inside the window.
+      const delay = Math.max(0, (left - RENEW_BEFORE_SECS) * 1000 + 250);
       renewTimer = setTimeout(renew, Math.min(delay, 2 ** 31 - 1));
     };
 
     /** `auth:refresh` about a minute before `exp`, when a newer token can be had. */
     const renew = async () => {
       const fresh = await getToken().catch(() => null);
-      if (disposed || !fresh || fresh === sentToken.current || !socket.connected) return;
+      if (disposed || !fresh || !socket.connected) return;
+      if (fresh === sentToken.current) {
+        // No newer token yet (fired early, or the token source is slow): look again shortly
+        // rather than give up and let the socket expire.
+        if (secondsLeft(fresh) > 0) renewTimer = setTimeout(renew, 1_000);
+        return;
+      }
       try {
         const ack = await socket.timeout(10_000).emitWithAck('auth:refresh', fresh);
         if (ack.ok) {
