@@ -227,14 +227,17 @@ impl Monitor {
             let mut events = Vec::new();
             for ((org, unit), (site, mut readings)) in by_unit {
                 readings.sort_by(|a, b| a.recorded_at.cmp(&b.recorded_at));
-                for batch in crate::realtime::batches(&unit, readings.iter(), self.max_per_event)
-                {
+                for batch in crate::realtime::batches(&unit, readings.iter(), self.max_per_event) {
                     events.push((org.clone(), site.clone(), batch));
                 }
             }
             let last = events.len();
             for (i, (org, site, batch)) in events.into_iter().enumerate() {
-                let done = if i + 1 == last { vec![leased] } else { Vec::new() };
+                let done = if i + 1 == last {
+                    vec![leased]
+                } else {
+                    Vec::new()
+                };
                 let rooms = rooms::unit_event_rooms(&org, &site).to_vec();
                 self.outbox
                     .send_to_org_done(&org, rooms, "sensor:readings:batch", &batch, done)

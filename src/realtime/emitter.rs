@@ -197,14 +197,21 @@ async fn run_cluster<A: Adapter>(
     stop: oneshot::Receiver<()>,
 ) {
     let ClusterLog { health, log, tail } = cluster;
+    // Names this node's entries in the stream (see the outage backlog in `append`).
+    let node: Arc<str> = {
+        let mut id = [0u8; 8];
+        rand::RngCore::fill_bytes(&mut rand::rng(), &mut id);
+        hex::encode(id).into()
+    };
     let (tailed_tx, mut tailed) = mpsc::channel(4096);
-    let tail = tokio::spawn(super::stream::tail(tail, tailed_tx));
+    let tail = tokio::spawn(super::stream::tail(tail, tailed_tx, node.clone()));
     let mut appender = tokio::spawn(append(
         io.clone(),
         outgoing,
         log.clone(),
         health.clone(),
         sent,
+        node,
         stop,
     ));
     // Where this node's delivery stands in the cluster stream; replays go up to here.
@@ -222,7 +229,23 @@ async fn run_cluster<A: Adapter>(
             biased;
             t = tailed.recv() => match t {
                 Some(Tailed::Start(at)) => delivered = Some(at),
-                Some(Tailed::Entry(org, entry)) => {
+                Some(Tailed::Entry { from_here: true, entry, .. }) => {
+                    // This node's outage backlog: its sockets got these while Redis was away.
+                    delivered = Some(entry.offset);
+                }
+                Some(Tailed::Lost) => {
+                    // Redis came back without the stream (restarted, its data gone): whatever
+                    // was in it and not yet read is lost to this node's sockets.
+                    tracing::warn!("the cluster event stream lost its entries; every dashboard here refetches");
+                    let sockets = io.local().sockets();
+                    for socket in sockets {
+                        crate::observe::resync("redis_outage");
+                        socket
+                            .emit("sync:complete", &SyncComplete { recovered: false, offset: None })
+                            .ok();
+                    }
+                }
+                Some(Tailed::Entry { org, entry, .. }) => {
                     crate::observe::emitted(crate::observe::event_label(&entry.event));
                     delivered = Some(entry.offset);
                     // Every node delivers the stream itself: local sockets only.
@@ -264,18 +287,40 @@ const APPEND_MAX: usize = 256;
 /// Logs organisation events to the cluster stream (the tail delivers them), as many as are
 /// queued in one round trip; sends the rest through the Socket.io adapter. Returns the offset of
 /// the last event it logged.
+///
+/// While Redis is away, organisation events go to this node's sockets at once (so alerts keep
+/// reaching them) and into an outage backlog, appended in order as soon as Redis is back, marked
+/// as this node's: its own tail then skips them (its sockets have them), every other node
+/// delivers them. A backlog over its budget drops its oldest events, and the organisations that
+/// lost some get `sync:complete { recovered: false }` on every node once Redis is back.
 async fn append<A: Adapter>(
     io: SocketIo<A>,
     mut outgoing: mpsc::Receiver<Outgoing>,
     log: RedisLog,
     health: RedisHealth,
     sent: Sent,
+    node: Arc<str>,
     stop: oneshot::Receiver<()>,
 ) -> Option<Offset> {
     let mut stop = Some(stop);
     let mut last = None;
     let mut queued = Vec::with_capacity(APPEND_MAX);
-    while let Some(first) = next_outgoing(&mut outgoing, &mut stop).await {
+    let mut backlog = Backlog::new(OUTAGE_BACKLOG_BYTES);
+    let mut retry = tokio::time::interval(Duration::from_millis(250));
+    retry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        let first = tokio::select! {
+            out = next_outgoing(&mut outgoing, &mut stop) => match out {
+                Some(out) => out,
+                None => break,
+            },
+            _ = retry.tick(), if !backlog.is_empty() => {
+                if let Some(offset) = backlog.flush(&log, &health, &sent, &node).await {
+                    last = Some(offset);
+                }
+                continue;
+            }
+        };
         if crate::fault::active("panic-emitter") {
             panic!("fault switch panic-emitter");
         }
@@ -305,60 +350,202 @@ async fn append<A: Adapter>(
             while let Some(next) = rest.next_if(|o| o.org.is_some()) {
                 run.push(next);
             }
-            if let Some(offset) = log_run(&io, &log, &health, &sent, run).await {
-                last = Some(offset);
+            // Nothing overtakes the backlog: the stream keeps each node's order.
+            if backlog.is_empty() {
+                match log_run(&log, &health, &sent, &run, None).await {
+                    Ok(offset) => {
+                        last = offset.or(last);
+                        continue;
+                    }
+                    Err(e) => {
+                        health.mark_down();
+                        tracing::debug!(error = %e, "logging to the cluster stream failed; delivered locally and kept for later");
+                    }
+                }
             }
+            for out in &run {
+                crate::observe::emitted(crate::observe::event_label(&out.event));
+                local_only(&io, out).await;
+            }
+            backlog.push(run, &sent);
         }
+    }
+    // Shutdown: one last try to hand the backlog to the other nodes.
+    if let Some(offset) = backlog.flush(&log, &health, &sent, &node).await {
+        last = Some(offset);
     }
     last
 }
 
-/// Appends a run of organisation events; returns the last offset. While Redis is away nothing
-/// can be logged or reach other nodes: this node's sockets get the events at once, without an
-/// offset (a client that reconnects later with an older offset finds it unknown and refetches).
-async fn log_run<A: Adapter>(
-    io: &SocketIo<A>,
+/// The most bytes of organisation events a node keeps while Redis is away.
+const OUTAGE_BACKLOG_BYTES: usize = 64 * 1024 * 1024;
+
+/// Organisation events produced while Redis was away, in order (see [`append`]).
+struct Backlog {
+    events: std::collections::VecDeque<Outgoing>,
+    bytes: usize,
+    budget: usize,
+    /// Organisations whose oldest events were dropped for the budget.
+    lost: std::collections::BTreeSet<String>,
+}
+
+impl Backlog {
+    fn new(budget: usize) -> Self {
+        Backlog {
+            events: Default::default(),
+            bytes: 0,
+            budget,
+            lost: Default::default(),
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.events.is_empty() && self.lost.is_empty()
+    }
+
+    fn push(&mut self, run: Vec<Outgoing>, sent: &Sent) {
+        for out in run {
+            self.bytes += out.payload.get().len();
+            self.events.push_back(out);
+        }
+        while self.bytes > self.budget {
+            let Some(old) = self.events.pop_front() else {
+                break;
+            };
+            self.bytes -= old.payload.get().len();
+            // It reached this node's sockets; its stored rows can go (the other nodes' sockets
+            // are told to refetch instead).
+            for done in &old.done {
+                sent.send(*done).ok();
+            }
+            if let Some(org) = old.org {
+                self.lost.insert(org);
+            }
+        }
+    }
+
+    /// Appends what it can (marked as this node's), oldest first; then the organisations that
+    /// lost events get their `sync:complete { recovered: false }`. The last offset appended.
+    async fn flush(
+        &mut self,
+        log: &RedisLog,
+        health: &RedisHealth,
+        sent: &Sent,
+        node: &str,
+    ) -> Option<Offset> {
+        let mut last = None;
+        while !self.events.is_empty() {
+            if !health.is_up() {
+                return last;
+            }
+            let n = self.events.len().min(APPEND_MAX);
+            let run: Vec<Outgoing> = self.events.drain(..n).collect();
+            match log_run(log, health, sent, &run, Some(node)).await {
+                Ok(offset) => {
+                    self.bytes -= run.iter().map(|o| o.payload.get().len()).sum::<usize>();
+                    last = offset.or(last);
+                }
+                Err(e) => {
+                    tracing::debug!(error = %e, "appending the outage backlog failed; retrying");
+                    for out in run.into_iter().rev() {
+                        self.events.push_front(out);
+                    }
+                    return last;
+                }
+            }
+        }
+        if !self.lost.is_empty() && health.is_up() {
+            let resyncs: Vec<Outgoing> = self
+                .lost
+                .iter()
+                .map(|org| Outgoing {
+                    org: Some(org.clone()),
+                    rooms: vec![super::rooms::org(org)],
+                    event: "sync:complete".into(),
+                    payload: serde_json::value::to_raw_value(&SyncComplete {
+                        recovered: false,
+                        offset: None,
+                    })
+                    .expect("serialises"),
+                    done: Vec::new(),
+                })
+                .collect();
+            tracing::warn!(
+                organisations = resyncs.len(),
+                "the Redis outage backlog overflowed; those organisations' dashboards refetch"
+            );
+            // Not marked as this node's: its own sockets had every event, but telling them to
+            // refetch once costs little and keeps one rule.
+            if let Ok(offset) = log_run(log, health, sent, &resyncs, None).await {
+                self.lost.clear();
+                last = offset.or(last);
+            }
+        }
+        last
+    }
+}
+
+/// Appends a run of organisation events, reporting their stored rows once logged; the last
+/// offset logged. `origin`: the node whose sockets already have them (its tail skips them).
+async fn log_run(
     log: &RedisLog,
     health: &RedisHealth,
     sent: &Sent,
-    run: Vec<Outgoing>,
-) -> Option<Offset> {
-    let report = |run: &[Outgoing]| {
-        for done in run.iter().flat_map(|o| &o.done) {
-            sent.send(*done).ok();
-        }
-    };
-    if health.is_up() {
-        let events: Vec<Logged<'_>> = run
-            .iter()
-            .map(|o| Logged {
-                org: o.org.as_deref().unwrap_or_default(),
-                event: &o.event,
-                rooms: &o.rooms,
-                payload: &o.payload,
-                stored: o.done.iter().find_map(|d| match d {
-                    Leased::Event(id) => Some(*id),
-                    Leased::Readings(_) => None,
-                }),
-            })
-            .collect();
-        match log.append(&events).await {
-            Ok(offsets) => {
-                report(&run);
-                return offsets.into_iter().flatten().next_back();
-            }
-            Err(e) => {
-                health.mark_down();
-                tracing::debug!(error = %e, "logging to the cluster stream failed; delivered locally");
-            }
-        }
+    run: &[Outgoing],
+    origin: Option<&str>,
+) -> Result<Option<Offset>, socketioxide_redis::drivers::fred::fred_client::error::Error> {
+    if !health.is_up() {
+        return Err(
+            socketioxide_redis::drivers::fred::fred_client::error::Error::new(
+                socketioxide_redis::drivers::fred::fred_client::error::ErrorKind::IO,
+                "redis is away",
+            ),
+        );
     }
-    report(&run);
-    for out in run {
-        crate::observe::emitted(crate::observe::event_label(&out.event));
-        broadcast(io, &out.rooms, &out.event, &out.payload, Some(true)).await;
+    let events: Vec<Logged<'_>> = run
+        .iter()
+        .map(|o| Logged {
+            org: o.org.as_deref().unwrap_or_default(),
+            event: &o.event,
+            rooms: &o.rooms,
+            payload: &o.payload,
+            stored: o.done.iter().find_map(|d| match d {
+                Leased::Event(id) => Some(*id),
+                Leased::Readings(_) => None,
+            }),
+            origin,
+        })
+        .collect();
+    let offsets = log.append(&events).await?;
+    for done in run.iter().flat_map(|o| &o.done) {
+        sent.send(*done).ok();
     }
-    None
+    Ok(offsets.into_iter().flatten().next_back())
+}
+
+/// Delivers an organisation event to this node's sockets while Redis is away: it has no offset
+/// yet, so there is no log to catch a full socket up from; such a socket is told to refetch.
+async fn local_only<A: Adapter>(io: &SocketIo<A>, out: &Outgoing) {
+    let behind = fall_behind(io, &out.rooms);
+    broadcast(io, &out.rooms, &out.event, &out.payload, Some(true)).await;
+    for (sid, membership) in behind {
+        let Some(socket) = io.get_socket(sid) else {
+            continue;
+        };
+        crate::observe::resync("redis_outage");
+        let complete = SyncComplete {
+            recovered: false,
+            offset: None,
+        };
+        tokio::spawn(async move {
+            // Back in its rooms once it can take the word, so that its refetch is followed by
+            // every later event.
+            if wait_for_room(&socket, |s| s.emit("sync:complete", &complete)).await {
+                socket.join(membership);
+            }
+            crate::observe::caught_up(Duration::ZERO);
+        });
+    }
 }
 
 /// Broadcasts one event. `local`: `None` on a single node; `Some(true)` for this node's sockets

@@ -82,7 +82,14 @@ pub async fn run(
             _ = tick.tick() => flush(&mut buffers, &mut release, &outbox, max_per_event, &buffered).await,
         }
     }
-    flush(&mut buffers, &mut release, &outbox, max_per_event, &buffered).await;
+    flush(
+        &mut buffers,
+        &mut release,
+        &outbox,
+        max_per_event,
+        &buffered,
+    )
+    .await;
     tracing::debug!("fanout stopped");
 }
 
@@ -99,7 +106,11 @@ async fn flush(
     for (i, ((org, unit), mut buf)) in buffers.drain().enumerate() {
         // Stable sort: readings with the same time keep their arrival order.
         buf.readings.sort_by_key(|s| s.recorded_at);
-        let batches = batches(&unit, buf.readings.iter().map(|s| &s.reading), max_per_event);
+        let batches = batches(
+            &unit,
+            buf.readings.iter().map(|s| &s.reading),
+            max_per_event,
+        );
         let count = batches.len();
         for (j, batch) in batches.into_iter().enumerate() {
             let rooms = rooms::unit_event_rooms(&org, &buf.site_id).to_vec();

@@ -62,8 +62,14 @@ impl Outbox {
         payload: &T,
         done: Vec<Leased>,
     ) {
-        self.put_done(Some(org.to_string()), rooms, Cow::Borrowed(event), payload, done)
-            .await
+        self.put_done(
+            Some(org.to_string()),
+            rooms,
+            Cow::Borrowed(event),
+            payload,
+            done,
+        )
+        .await
     }
 
     /// Like [`Outbox::send_to_org`], for event names chosen at run time (published events).

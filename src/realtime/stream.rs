@@ -38,20 +38,20 @@ const TAIL_COUNT: u64 = 1_000;
 const TAIL_BLOCK_MS: u64 = 1_000;
 
 /// Appends `ARGV[1]` events: `KEYS[1]` is the cluster stream, `KEYS[i + 1]` the organisation
-/// stream of event `i`, whose organisation, name, rooms, payload and outbox id (or `""`) are
-/// `ARGV[6 + 5(i-1) ..]`. An event of the storage outbox is appended once: a second copy (another
+/// stream of event `i`, whose organisation, name, rooms, payload, outbox id (or `""`) and origin
+/// node (or `""`) are `ARGV[6 + 6(i-1) ..]`. An event of the storage outbox is appended once: a second copy (another
 /// node announcing a row whose lease ran out while its first node was merely slow) gets `""`.
 const APPEND: &str = r#"
 local n = tonumber(ARGV[1])
 local ids = {}
 for i = 1, n do
-  local b = 5 + (i - 1) * 5
+  local b = 5 + (i - 1) * 6
   local stored = ARGV[b + 5]
   if stored ~= '' and not redis.call('SET', 'sensorwire:announced:' .. stored, '1', 'NX', 'PX', 3600000) then
     ids[i] = ''
   else
     local id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[2], '*',
-      'o', ARGV[b + 1], 'e', ARGV[b + 2], 'r', ARGV[b + 3], 'p', ARGV[b + 4])
+      'o', ARGV[b + 1], 'e', ARGV[b + 2], 'r', ARGV[b + 3], 'p', ARGV[b + 4], 'n', ARGV[b + 6])
     redis.call('XADD', KEYS[i + 1], 'MAXLEN', '~', ARGV[3], id,
       'e', ARGV[b + 2], 'r', ARGV[b + 3], 'p', ARGV[b + 4])
     redis.call('XTRIM', KEYS[i + 1], 'MINID', '~', ARGV[4])
@@ -77,6 +77,8 @@ pub struct Logged<'a> {
     pub payload: &'a RawValue,
     /// Its `event_outbox` row, if it comes from one.
     pub stored: Option<i64>,
+    /// The node whose sockets already have it (an outage backlog), whose tail skips it.
+    pub origin: Option<&'a str>,
 }
 
 /// Appends and replays; cheap to clone.
@@ -122,6 +124,7 @@ impl RedisLog {
             args.push(serde_json::to_string(e.rooms).unwrap_or_default().into());
             args.push(e.payload.get().into());
             args.push(e.stored.map(|id| id.to_string()).unwrap_or_default().into());
+            args.push(e.origin.unwrap_or_default().into());
         }
         let ids: Vec<String> = self
             .script
@@ -192,13 +195,55 @@ fn entries_of(value: fred::types::Value) -> Result<Vec<StreamEntry>, fred::error
 pub enum Tailed {
     /// Where the stream ended when the tail started: this node delivers what comes after.
     Start(Offset),
-    /// An event and its organisation.
-    Entry(String, Arc<Entry>),
+    /// An event and its organisation; `from_here`: appended by this node from its outage
+    /// backlog, so its sockets have it already.
+    Entry {
+        org: String,
+        entry: Arc<Entry>,
+        from_here: bool,
+    },
+    /// Redis lost the stream (it restarted without its data) while this node was reading it.
+    Lost,
+}
+
+/// A key each node sets once if absent: a different value after Redis comes back means its
+/// data is gone.
+const EPOCH: &str = "sensorwire:epoch";
+
+/// This Redis' epoch, set now if it has none.
+async fn epoch(client: &fred::clients::Client) -> Result<String, fred::error::Error> {
+    use fred::interfaces::KeysInterface;
+    let mut fresh = [0u8; 8];
+    rand::RngCore::fill_bytes(&mut rand::rng(), &mut fresh);
+    let _: Option<String> = client
+        .set(
+            EPOCH,
+            hex::encode(fresh),
+            None,
+            Some(fred::types::SetOptions::NX),
+            false,
+        )
+        .await?;
+    let current: Option<String> = client.get(EPOCH).await?;
+    Ok(current.unwrap_or_default())
 }
 
 /// Reads the global stream from where it ends now, forever. A dedicated connection: `XREAD
 /// BLOCK` holds it while it waits.
-pub async fn tail(client: fred::clients::Client, deliver: tokio::sync::mpsc::Sender<Tailed>) {
+pub async fn tail(
+    client: fred::clients::Client,
+    deliver: tokio::sync::mpsc::Sender<Tailed>,
+    node: Arc<str>,
+) {
+    let mut known_epoch = loop {
+        match epoch(&client).await {
+            Ok(e) => break e,
+            Err(e) => {
+                tracing::warn!(error = %e, "reading the cluster event stream failed; retrying");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        }
+    };
     let mut from = loop {
         match client
             .xrevrange::<Vec<StreamEntry>, _, _, _>(GLOBAL, "+", "-", Some(1))
@@ -251,13 +296,32 @@ pub async fn tail(client: fred::clients::Client, deliver: tokio::sync::mpsc::Sen
         if failing {
             failing = false;
             tracing::info!("reading the cluster event stream again");
+            match epoch(&client).await {
+                Ok(now) if now != known_epoch => {
+                    known_epoch = now;
+                    if deliver.send(Tailed::Lost).await.is_err() {
+                        return;
+                    }
+                }
+                Ok(_) => {}
+                Err(_) => {
+                    failing = true;
+                    continue;
+                }
+            }
         }
-        for (id, fields) in entries {
+        for (id, mut fields) in entries {
+            let from_here = fields.remove("n").is_some_and(|n| *n == *node);
             match decode(&id, fields) {
                 Some((Some(org), entry)) => {
                     from = entry.offset;
+                    let entry = Arc::new(entry);
                     if deliver
-                        .send(Tailed::Entry(org, Arc::new(entry)))
+                        .send(Tailed::Entry {
+                            org,
+                            entry,
+                            from_here,
+                        })
                         .await
                         .is_err()
                     {

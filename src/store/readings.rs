@@ -185,7 +185,12 @@ impl Store {
         unique: &[(&str, &NewReading)],
         rows: &[(&str, &NewReading)],
         received_at: i64,
-    ) -> Result<(Vec<StoredKey>, Vec<StoredKey>, Vec<OutboxEvent>, Option<i64>)> {
+    ) -> Result<(
+        Vec<StoredKey>,
+        Vec<StoredKey>,
+        Vec<OutboxEvent>,
+        Option<i64>,
+    )> {
         Ok(match &self.engine {
             Engine::Sqlite(pool) => {
                 commit_in!(pool, sqlite::BEGIN, sqlite, unique, rows, received_at)

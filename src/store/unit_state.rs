@@ -528,7 +528,6 @@ macro_rules! engine_functions {
             }
             Ok(())
         }
-
     };
 }
 
