@@ -151,8 +151,13 @@ pub struct Limits {
     /// Seconds organisation events stay available for replay after a reconnect.
     #[arg(long, env = "RECOVERY_WINDOW_SECS", default_value_t = 120)]
     pub recovery_window_secs: u64,
-    /// Organisation events kept for replay, per organisation.
-    #[arg(long, env = "RECOVERY_MAX_EVENTS", default_value_t = 10_000)]
+    /// Memory for the replay log of one node (all organisations), in bytes. With Redis the
+    /// log is in Redis streams, sized by the window (see README "Operating").
+    #[arg(long, env = "RECOVERY_MAX_BYTES", default_value_t = 256 * 1024 * 1024)]
+    pub recovery_max_bytes: usize,
+    /// An optional cap on the events kept per organisation (none by default: retention is by
+    /// time, within the byte budget).
+    #[arg(long, env = "RECOVERY_MAX_EVENTS", default_value_t = 0)]
     pub recovery_max_events: usize,
 }
 
@@ -255,7 +260,7 @@ impl Config {
             ("SOCKET_PING_INTERVAL_MS", l.socket_ping_interval_ms),
             ("SOCKET_PING_TIMEOUT_MS", l.socket_ping_timeout_ms),
             ("RECOVERY_WINDOW_SECS", l.recovery_window_secs),
-            ("RECOVERY_MAX_EVENTS", l.recovery_max_events as u64),
+            ("RECOVERY_MAX_BYTES", l.recovery_max_bytes as u64),
             ("BATCH_MAX_READINGS", l.batch_max_readings as u64),
             ("MAX_BUFFERED_READINGS", l.max_buffered_readings as u64),
             ("INGEST_QUEUE", l.ingest_queue as u64),

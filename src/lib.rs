@@ -192,7 +192,8 @@ async fn serve<A: Adapter>(
     let writer = pipeline.spawn("ingest writer", writer);
     let retention = realtime::emitter::Retention {
         window: Duration::from_secs(l.recovery_window_secs),
-        max_events: l.recovery_max_events,
+        max_bytes: l.recovery_max_bytes,
+        max_events: (l.recovery_max_events > 0).then_some(l.recovery_max_events),
     };
     let (redis, redis_clients, cluster_log) = match cluster {
         Some(c) => {

@@ -117,6 +117,10 @@ fn describe() {
         "Organisation events kept in memory for replays (one node)"
     );
     describe_gauge!(
+        "sensorwire_replay_log_bytes",
+        "Bytes held by the in-memory replay log (one node), within RECOVERY_MAX_BYTES"
+    );
+    describe_gauge!(
         "sensorwire_plain_ws_connected",
         "Connected plain WebSocket clients"
     );
@@ -154,8 +158,9 @@ pub fn replay(recovered: bool, events: usize) {
     counter!("sensorwire_replayed_events_total").increment(events as u64);
 }
 
-pub fn replay_log(events: usize) {
+pub fn replay_log(events: usize, bytes: usize) {
     gauge!("sensorwire_replay_log_events").set(events as f64);
+    gauge!("sensorwire_replay_log_bytes").set(bytes as f64);
 }
 
 /// `event` must be one of the gateway's own names or `"published"`.

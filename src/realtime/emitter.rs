@@ -70,7 +70,10 @@ pub enum Cause {
 #[derive(Clone, Copy, Debug)]
 pub struct Retention {
     pub window: Duration,
-    pub max_events: usize,
+    /// Memory for the one-node log, all organisations together.
+    pub max_bytes: usize,
+    /// An optional cap per organisation.
+    pub max_events: Option<usize>,
 }
 
 /// The Redis side of a cluster's emitter.
@@ -133,7 +136,11 @@ async fn run_single<A: Adapter>(
     stop: oneshot::Receiver<()>,
 ) {
     let mut stop = Some(stop);
-    let mut history = History::new(retention.window.as_millis() as u64, retention.max_events);
+    let mut history = History::new(
+        retention.window.as_millis() as u64,
+        retention.max_bytes,
+        retention.max_events,
+    );
     let mut clock = Clock::default();
     let mut sweep = tokio::time::interval(Duration::from_secs(10));
     loop {
@@ -182,7 +189,7 @@ async fn run_single<A: Adapter>(
             }
             _ = sweep.tick() => {
                 history.expire_all(now_ms());
-                crate::observe::replay_log(history.len());
+                crate::observe::replay_log(history.len(), history.bytes());
             }
         }
     }

@@ -94,33 +94,64 @@ pub fn replay_from<'a>(
     }
 }
 
-/// The in-memory log of one node: per organisation, at most `max_events` entries, none older
-/// than `window_ms`.
+/// The in-memory log of one node: per organisation, nothing older than `window_ms`; all
+/// organisations together within `max_bytes` (the oldest events go first), and — only when
+/// configured — at most `max_events` per organisation.
 pub struct History {
     window_ms: u64,
-    max_events: usize,
+    max_bytes: usize,
+    max_events: Option<usize>,
     orgs: HashMap<String, VecDeque<Arc<Entry>>>,
+    /// Every entry held, oldest first: what the byte budget evicts.
+    order: VecDeque<(String, Offset)>,
+    bytes: usize,
+}
+
+/// What an entry costs in memory: its payload, rooms and bookkeeping.
+fn cost(e: &Entry) -> usize {
+    e.payload.get().len() + e.rooms.iter().map(|r| r.len() + 24).sum::<usize>() + 128
 }
 
 impl History {
-    pub fn new(window_ms: u64, max_events: usize) -> Self {
+    pub fn new(window_ms: u64, max_bytes: usize, max_events: Option<usize>) -> Self {
         History {
             window_ms,
-            max_events: max_events.max(1),
+            max_bytes,
+            max_events: max_events.map(|m| m.max(1)),
             orgs: HashMap::new(),
+            order: VecDeque::new(),
+            bytes: 0,
         }
     }
 
     pub fn record(&mut self, org: &str, entry: Arc<Entry>, now_ms: u64) {
+        self.bytes += cost(&entry);
+        self.order.push_back((org.to_string(), entry.offset));
         let log = match self.orgs.get_mut(org) {
             Some(log) => log,
             None => self.orgs.entry(org.to_string()).or_default(),
         };
         log.push_back(entry);
-        while log.len() > self.max_events {
-            log.pop_front();
+        if let Some(max) = self.max_events {
+            while log.len() > max {
+                if let Some(e) = log.pop_front() {
+                    self.bytes -= cost(&e);
+                }
+            }
         }
-        expire(log, now_ms.saturating_sub(self.window_ms));
+        let oldest = now_ms.saturating_sub(self.window_ms);
+        self.bytes -= expire(log, oldest);
+        while self.bytes > self.max_bytes {
+            let Some((org, offset)) = self.order.pop_front() else {
+                break;
+            };
+            if let Some(log) = self.orgs.get_mut(&org)
+                && log.front().is_some_and(|e| e.offset == offset)
+                && let Some(e) = log.pop_front()
+            {
+                self.bytes -= cost(&e);
+            }
+        }
     }
 
     pub fn replay(
@@ -133,7 +164,7 @@ impl History {
         let Some(log) = self.orgs.get_mut(org) else {
             return Replay::Lost;
         };
-        expire(log, now_ms.saturating_sub(self.window_ms));
+        self.bytes -= expire(log, now_ms.saturating_sub(self.window_ms));
         // Binary search to the offset, then walk forward from there.
         let start = log.partition_point(|e| e.offset < since.offset());
         replay_from(log.range(start..), since, membership)
@@ -143,10 +174,24 @@ impl History {
     /// then, so a quiet organisation's log does not stay in memory).
     pub fn expire_all(&mut self, now_ms: u64) {
         let oldest = now_ms.saturating_sub(self.window_ms);
+        let mut freed = 0;
         self.orgs.retain(|_, log| {
-            expire(log, oldest);
+            freed += expire(log, oldest);
             !log.is_empty()
         });
+        self.bytes -= freed;
+        // The eviction order forgets what is gone from the logs.
+        let orgs = &self.orgs;
+        self.order.retain(|(org, offset)| {
+            orgs.get(org)
+                .and_then(|log| log.front())
+                .is_some_and(|front| front.offset <= *offset)
+        });
+    }
+
+    /// Bytes held.
+    pub fn bytes(&self) -> usize {
+        self.bytes
     }
 
     pub fn len(&self) -> usize {
@@ -159,10 +204,15 @@ impl History {
     }
 }
 
-fn expire(log: &mut VecDeque<Arc<Entry>>, oldest_ms: u64) {
+/// Drops what is older than `oldest_ms`; the bytes freed.
+fn expire(log: &mut VecDeque<Arc<Entry>>, oldest_ms: u64) -> usize {
+    let mut freed = 0;
     while log.front().is_some_and(|e| e.offset.ms < oldest_ms) {
-        log.pop_front();
+        if let Some(e) = log.pop_front() {
+            freed += cost(&e);
+        }
     }
+    freed
 }
 
 #[cfg(test)]
@@ -189,7 +239,7 @@ mod tests {
 
     #[test]
     fn replays_what_came_after_in_order_and_only_what_the_socket_may_see() {
-        let mut h = History::new(60_000, 100);
+        let mut h = History::new(60_000, usize::MAX, None);
         for (i, room) in ["a", "b", "a", "a"].iter().enumerate() {
             h.record("org", entry(1000, i as u64, room), 1000);
         }
@@ -217,7 +267,7 @@ mod tests {
 
     #[test]
     fn unknown_other_org_and_aged_out_offsets_are_lost() {
-        let mut h = History::new(1_000, 100);
+        let mut h = History::new(1_000, usize::MAX, None);
         h.record("org", entry(1000, 0, "a"), 1000);
         h.record("org", entry(1500, 0, "a"), 1500);
         let mine = vec!["a".to_string()];
@@ -273,7 +323,7 @@ mod tests {
 
     #[test]
     fn a_catch_up_starts_at_the_event_it_missed() {
-        let mut h = History::new(60_000, 100);
+        let mut h = History::new(60_000, usize::MAX, None);
         for i in 0..4 {
             h.record("org", entry(1000, i, "a"), 1000);
         }
@@ -287,8 +337,32 @@ mod tests {
     }
 
     #[test]
+    fn the_byte_budget_evicts_the_oldest_events_of_any_organisation() {
+        let one = cost(&entry(0, 0, "a"));
+        let mut h = History::new(60_000, 3 * one, None);
+        h.record("x", entry(1000, 0, "a"), 1000);
+        h.record("y", entry(1000, 1, "a"), 1000);
+        h.record("x", entry(1000, 2, "a"), 1000);
+        h.record("y", entry(1000, 3, "a"), 1000);
+        assert_eq!(h.len(), 3);
+        assert_eq!(h.bytes(), 3 * one);
+        let mine = vec!["a".to_string()];
+        // x's first event is gone: an offset at it cannot be replayed from.
+        assert!(matches!(
+            h.replay("x", Since::After(Offset { ms: 1000, seq: 0 }), &mine, 1000),
+            Replay::Lost
+        ));
+        assert_eq!(
+            offsets(&h.replay("y", Since::After(Offset { ms: 1000, seq: 1 }), &mine, 1000)),
+            vec![(1000, 3)]
+        );
+        h.expire_all(70_000);
+        assert_eq!((h.len(), h.bytes()), (0, 0));
+    }
+
+    #[test]
     fn keeps_at_most_max_events_per_org() {
-        let mut h = History::new(60_000, 3);
+        let mut h = History::new(60_000, usize::MAX, Some(3));
         for i in 0..5 {
             h.record("org", entry(1000, i, "a"), 1000);
         }

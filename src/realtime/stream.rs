@@ -31,6 +31,10 @@ const GLOBAL: &str = "sensorwire:events";
 /// events (logged); replays read the per-organisation streams.
 const GLOBAL_MAX_LEN: u64 = 100_000;
 
+/// Entries an organisation's stream keeps at most when no cap is configured: retention is by
+/// time, this only guards Redis against a runaway organisation.
+const ORG_MAX_LEN: u64 = 1_000_000;
+
 /// How many entries one tail read returns at most.
 const TAIL_COUNT: u64 = 1_000;
 
@@ -91,12 +95,13 @@ pub struct RedisLog {
 }
 
 impl RedisLog {
-    pub fn new(client: fred::clients::Client, window_ms: u64, max_events: usize) -> Self {
+    /// `max_events`: a cap per organisation stream, if configured (retention is by time).
+    pub fn new(client: fred::clients::Client, window_ms: u64, max_events: Option<usize>) -> Self {
         RedisLog {
             client,
             script: Arc::new(Script::from_lua(APPEND)),
             window_ms,
-            max_events: max_events.max(1) as u64,
+            max_events: max_events.map_or(ORG_MAX_LEN, |m| m.max(1) as u64),
         }
     }
 
