@@ -19,7 +19,7 @@ use serde::Deserialize;
 
 use crate::auth::jwt::now_secs;
 use crate::auth::{UserClaims, valid_id};
-use crate::bus::Delivery;
+use crate::bus::{Delivery, Topic};
 use crate::http::AppState;
 use crate::wire::{TelemetryData, TelemetryMetrics, WsChannel, WsClientMessage, WsServerMessage};
 
@@ -64,6 +64,8 @@ async fn close(mut socket: WebSocket, code: u16, reason: &str) {
 struct Connection {
     app: AppState,
     claims: UserClaims,
+    /// This connection's id in the bus, which queues for it only what it subscribed to.
+    id: u64,
     alerts: bool,
     devices: HashSet<String>,
     units: HashSet<String>,
@@ -74,6 +76,7 @@ impl Connection {
         Connection {
             app,
             claims,
+            id: 0,
             alerts: false,
             devices: HashSet::new(),
             units: HashSet::new(),
@@ -83,7 +86,8 @@ impl Connection {
     async fn run(mut self, socket: WebSocket) {
         let (mut tx, mut rx) = socket.split();
         let org = self.claims.org_id.clone();
-        let (id, mut deliveries) = self.app.bus.register(&org);
+        let (id, mut deliveries) = self.app.bus.register(&org, self.claims.site_ids.clone());
+        self.id = id;
         let deadline = tokio::time::sleep(Duration::from_secs(
             (self.claims.deadline() - now_secs() + 1).max(0) as u64,
         ));
@@ -111,7 +115,7 @@ impl Connection {
                 },
                 delivery = deliveries.recv() => match delivery {
                     Some(d) => self.deliveries(&d),
-                    // Dropped by the bus: this client did not keep up.
+                    // Dropped by the bus: this client did not keep up with what it subscribed to.
                     None => break Some((1013, "too slow: reconnect")),
                 },
                 _ = ping.tick() => {
@@ -151,7 +155,9 @@ impl Connection {
         tracing::info!(org = %org, "plain websocket closed");
     }
 
-    /// What a delivery means for this connection's subscriptions.
+    /// What a delivery means for this connection's subscriptions. The bus only queues what the
+    /// connection subscribed to; checking again here keeps a delivery queued just before an
+    /// unsubscribe from arriving after its `unsubscribed`.
     fn deliveries(&self, d: &Delivery) -> Vec<WsServerMessage> {
         match d {
             Delivery::Alerts(all) if self.alerts => vec![self.visible_alerts(all)],
@@ -208,14 +214,18 @@ impl Connection {
             None => return vec![error("missing \"action\" (subscribe or unsubscribe)")],
         };
         let cap = self.app.config.limits.max_rooms_per_socket;
+        let org = self.claims.org_id.as_str();
         match msg.kind.as_str() {
             "alerts" => {
                 self.alerts = subscribe;
                 let confirm = confirmation(subscribe, WsChannel::Alerts, None, None);
                 if !subscribe {
+                    self.app.bus.unsubscribe(org, self.id, &Topic::Alerts);
                     return vec![confirm];
                 }
-                match self.app.bus.open_alerts(&self.claims.org_id).await {
+                // Registered before the list is read: a change meanwhile is pushed afterwards.
+                self.app.bus.subscribe(org, self.id, Topic::Alerts).await;
+                match self.app.bus.open_alerts(org).await {
                     Ok(all) => vec![confirm, self.visible_alerts(&all)],
                     Err(_) => vec![confirm, error("alerts are unavailable right now")],
                 }
@@ -231,8 +241,12 @@ impl Connection {
                         return vec![error("too many subscriptions")];
                     }
                     self.devices.insert(device.clone());
+                    let topic = Topic::Device(device.clone());
+                    self.app.bus.subscribe(org, self.id, topic).await;
                 } else {
                     self.devices.remove(&device);
+                    let topic = Topic::Device(device.clone());
+                    self.app.bus.unsubscribe(org, self.id, &topic);
                 }
                 vec![confirmation(
                     subscribe,
@@ -246,7 +260,7 @@ impl Connection {
                     return vec![error("\"unit_id\" must be a unit id")];
                 };
                 if subscribe {
-                    let visible = match self.app.units.get(&self.claims.org_id, &unit).await {
+                    let visible = match self.app.units.get(org, &unit).await {
                         Ok(Some(info)) => self.claims.can_see_site(&info.site_id),
                         Ok(None) => false,
                         Err(_) => return vec![error("storage unavailable, retry later")],
@@ -258,8 +272,13 @@ impl Connection {
                         return vec![error("too many subscriptions")];
                     }
                     self.units.insert(unit.clone());
+                    let topic = Topic::Unit(unit.clone());
+                    self.app.bus.subscribe(org, self.id, topic).await;
                 } else {
                     self.units.remove(&unit);
+                    self.app
+                        .bus
+                        .unsubscribe(org, self.id, &Topic::Unit(unit.clone()));
                 }
                 vec![confirmation(subscribe, WsChannel::Unit, None, Some(unit))]
             }
