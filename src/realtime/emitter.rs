@@ -676,7 +676,7 @@ async fn drain_then_resume<A: Adapter>(
 ) {
     socket.extensions.insert(super::slow::Replaying);
     for e in &events {
-        if !wait_for_room(&socket, |s| s.emit(e.event.as_ref(), &e.payload)).await {
+        if !wait_for_room(&socket, |s| send_replayed(s, e)).await {
             finish(&again);
             return;
         }
@@ -709,6 +709,20 @@ async fn wait_for_room<A: Adapter>(
             Err(_) => return false,
         }
     }
+}
+
+/// Free slots a replay leaves in a socket's queue: for engine.io's heartbeat ping (dropped with
+/// the session when the queue is full) and the socket's live `sensor:reading`s.
+const REPLAY_HEADROOM: usize = 4;
+
+/// Sends one missed event, keeping [`REPLAY_HEADROOM`] free.
+fn send_replayed<A: Adapter>(
+    socket: &socketioxide::extract::SocketRef<A>,
+    e: &Entry,
+) -> Result<(), SendError> {
+    super::slow::emit_leaving_room(socket, REPLAY_HEADROOM, &|| {
+        socket.emit(e.event.as_ref(), &e.payload)
+    })
 }
 
 /// A catch-up ended without rejoining live delivery (the socket is gone).
@@ -784,7 +798,7 @@ async fn handle<A, F, Fut>(
                         crate::observe::replay(true, events.len());
                     }
                     for (i, e) in events.iter().enumerate() {
-                        match socket.emit(e.event.as_ref(), &e.payload) {
+                        match send_replayed(&socket, e) {
                             Ok(()) => {}
                             Err(SendError::Socket(SocketError::InternalChannelFull)) => {
                                 // More missed events than the socket's buffer holds: the rest

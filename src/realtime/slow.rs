@@ -121,6 +121,58 @@ impl Serialize for Nothing {
     }
 }
 
+/// Sends with `emit` only if `socket`'s queue keeps at least `headroom` free slots after it:
+/// otherwise `InternalChannelFull`, as if it were full. A socket being caught up is fed this way,
+/// so that its queue always has room for engine.io's heartbeat ping (which is not queued but
+/// dropped when the queue is full, and the session with it) and for its live `sensor:reading`s.
+///
+/// socketioxide says nothing of a queue's length, so the room is held, not measured: each level
+/// reserves a slot (a probe, see [`probe`]) and, while it holds it, serialises the next level;
+/// the innermost sends; then every held slot is given back unused.
+pub fn emit_leaving_room<A: Adapter>(
+    socket: &SocketRef<A>,
+    headroom: usize,
+    emit: &dyn Fn() -> Result<(), SendError>,
+) -> Result<(), SendError> {
+    if headroom == 0 {
+        return emit();
+    }
+    let outcome = std::cell::RefCell::new(None);
+    let hold = Hold {
+        socket,
+        headroom: headroom - 1,
+        emit,
+        outcome: &outcome,
+    };
+    if let Err(SendError::Socket(e)) = socket.emit("sensorwire:probe", &hold) {
+        return Err(SendError::Socket(e));
+    }
+    outcome
+        .into_inner()
+        .unwrap_or(Err(SendError::Socket(SocketError::InternalChannelFull)))
+}
+
+/// One held slot of [`emit_leaving_room`]: serialising it runs the next level, then fails so
+/// that the slot is released.
+struct Hold<'a, A: Adapter> {
+    socket: &'a SocketRef<A>,
+    headroom: usize,
+    emit: &'a dyn Fn() -> Result<(), SendError>,
+    outcome: &'a std::cell::RefCell<Option<Result<(), SendError>>>,
+}
+
+impl<A: Adapter> Serialize for Hold<'_, A> {
+    fn serialize<S: Serializer>(&self, _: S) -> Result<S::Ok, S::Error> {
+        // The parser may serialise a value more than once (a first pass looks for binary
+        // attachments): the next level runs on the first pass only.
+        if self.outcome.borrow().is_none() {
+            let result = emit_leaving_room(self.socket, self.headroom, self.emit);
+            *self.outcome.borrow_mut() = Some(result);
+        }
+        Err(serde::ser::Error::custom("slot held"))
+    }
+}
+
 /// Whether `socket`'s queue has room, without sending anything: socketioxide reserves a slot,
 /// then fails to encode [`Nothing`] and gives the slot back.
 pub fn probe<A: Adapter>(socket: &SocketRef<A>) -> Room {
