@@ -357,6 +357,9 @@ macro_rules! engine_functions {
                 .bind(keys)
                 .fetch_all(&mut *conn)
                 .await?;
+            // A statement of its own, after the locks are held: in PostgreSQL a subquery of the
+            // locking statement would read the snapshot taken before it waited for a lock, and
+            // miss an alert the other transaction had just opened.
             let open: Vec<(String, String, String, String)> = sqlx::query_as(&sql.open_alerts)
                 .bind(keys)
                 .fetch_all(&mut *conn)
