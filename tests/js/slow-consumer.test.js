@@ -67,6 +67,10 @@ describe('slow consumers [sqlite]', () => {
         BATCH_MAX_READINGS: String(READINGS_PER_REQUEST),
         SOCKET_PING_INTERVAL_MS: '120000',
         SOCKET_PING_TIMEOUT_MS: '120000',
+        // The replay log keeps every organisation event for RECOVERY_WINDOW_SECS on purpose, up
+        // to its own byte budget (tested in history.rs); bounded small here, so what this test
+        // measures is the memory a stalled socket costs, not the log's.
+        RECOVERY_MAX_BYTES: String(8 * 1024 * 1024),
       },
     });
   });
