@@ -314,13 +314,18 @@ async fn commit(
     }
     // In commit order. Waiting here is the backpressure: a slow stage stops the next commit, the
     // queue fills, and ingest answers 503.
-    if !crate::fault::active("stall-announce") {
-        let handover = crate::monitor::Handover {
-            events: committed.events,
-            pending: committed.pending,
-        };
-        downstream.announce.send(handover).await.ok();
-    }
+    // The `stall-announce` fault drops the events, as a node dying here would; its readings
+    // still go out with its batches.
+    let events = if crate::fault::active("stall-announce") {
+        Vec::new()
+    } else {
+        committed.events
+    };
+    let handover = crate::monitor::Handover {
+        events,
+        pending: committed.pending,
+    };
+    downstream.announce.send(handover).await.ok();
     for committed in handed {
         let committed = Arc::new(committed);
         for tx in &downstream.readings {

@@ -677,7 +677,9 @@ async fn drain_then_resume<A: Adapter>(
     socket.extensions.insert(super::slow::Replaying);
     for e in &events {
         if !wait_for_room(&socket, |s| send_replayed(s, e)).await {
-            finish(&again);
+            if let Command::Recover { cause, .. } = again {
+                finish(cause);
+            }
             return;
         }
     }
@@ -725,13 +727,9 @@ fn send_replayed<A: Adapter>(
     })
 }
 
-/// A catch-up ended without rejoining live delivery (the socket is gone).
-fn finish(command: &Command) {
-    if let Command::Recover {
-        cause: Cause::Behind(since),
-        ..
-    } = command
-    {
+/// A replay ended without rejoining live delivery (the socket is gone): a catch-up is over.
+fn finish(cause: Cause) {
+    if let Cause::Behind(since) = cause {
         crate::observe::caught_up(since.elapsed());
     }
 }
@@ -782,14 +780,7 @@ async fn handle<A, F, Fut>(
             ..
         } => {
             let Some(socket) = io.get_socket(sid) else {
-                finish(&Command::Recover {
-                    sid,
-                    org,
-                    membership,
-                    since,
-                    turn: None,
-                    cause,
-                });
+                finish(cause);
                 return;
             };
             let complete = match outcome {
@@ -823,14 +814,7 @@ async fn handle<A, F, Fut>(
                                 return;
                             }
                             Err(_) => {
-                                finish(&Command::Recover {
-                                    sid,
-                                    org,
-                                    membership,
-                                    since,
-                                    turn: None,
-                                    cause,
-                                });
+                                finish(cause);
                                 return;
                             }
                         }
