@@ -581,9 +581,11 @@ async fn broadcast<A: Adapter>(
     let Err(e) = result else {
         return false;
     };
-    // A full socket queue is a client that is not reading: the slow-consumer sweep finds and
-    // closes it (and is woken now); anything else is worth a line.
-    super::slow::broadcast_failed(&e);
+    // A full socket queue: for organisation events `deliver` has caught the socket up already;
+    // a live `sensor:reading` it missed is in its unit's batch. The slow-consumer sweep is not
+    // woken for it: its probes, run while the emitter broadcasts, hold slots of nearly full
+    // queues and made broadcasts fail for sockets the emitter had just found free. Its periodic
+    // look still closes a socket full for the grace. Anything else is worth a line.
     match &e {
         BroadcastError::Socket(errors) => {
             if !errors
