@@ -285,6 +285,9 @@ async fn serve<A: Adapter>(
         .layer(PropagateRequestIdLayer::x_request_id())
         .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
         .layer(socket_layer)
+        .layer(tower::util::MapRequestLayer::new(
+            realtime::request_head::detach,
+        ))
         .layer(http::cors(&config.cors_origins));
 
     // Shutdown — asked for, or because a pipeline stage failed — in pipeline order: the writer

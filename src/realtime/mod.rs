@@ -14,6 +14,7 @@ pub mod limiter;
 pub mod offset;
 pub mod outbox;
 mod reply;
+pub mod request_head;
 pub mod rooms;
 mod session;
 pub mod slow;
@@ -48,11 +49,17 @@ pub struct Ctx {
     pub commands: tokio::sync::mpsc::Sender<emitter::Command>,
 }
 
+/// The first read buffer of a WebSocket connection.
+const WS_READ_BUFFER: usize = 1024;
+
 /// The Socket.io builder with our limits and state; the caller picks the adapter.
 pub fn builder(config: &Config, ctx: Ctx) -> SocketIoBuilder {
     let l = &config.limits;
     SocketIo::builder()
         .max_buffer_size(l.socket_buffer_size)
+        // Clients send small packets (pongs, subscriptions); 1 KiB instead of tungstenite's 4
+        // KiB per idle socket, and a larger message still arrives whole (the buffer grows).
+        .ws_read_buffer_size(WS_READ_BUFFER)
         // One limit for a client's packets, whatever the transport: a long-polling POST body,
         // a WebSocket message (and frame).
         .max_payload(l.socket_max_payload)
