@@ -96,7 +96,9 @@ pub async fn run(
     tracing::info!(engine = store.engine_name(), "storage ready");
 
     let (commands, commands_rx) = mpsc::channel(1024);
+    let expiry = Arc::new(realtime::expiry::Expiry::default());
     let ctx = realtime::Ctx {
+        expiry: expiry.clone(),
         store: store.clone(),
         jwt: jwt.clone(),
         limits: Arc::new(config.limits.clone()),
@@ -110,6 +112,7 @@ pub async fn run(
         store,
         metrics,
         commands: (commands, commands_rx),
+        expiry,
     };
     match parts.config.redis_url.clone() {
         None => {
@@ -149,6 +152,7 @@ struct Parts {
         mpsc::Sender<realtime::emitter::Command>,
         mpsc::Receiver<realtime::emitter::Command>,
     ),
+    expiry: Arc<realtime::expiry::Expiry>,
 }
 
 /// Everything after the adapter is chosen: one code path for one node and for a cluster.
@@ -159,6 +163,7 @@ async fn serve<A: Adapter>(
         store,
         metrics: parts_metrics,
         commands,
+        expiry,
     }: Parts,
     io: SocketIo<A>,
     socket_layer: SocketIoLayer<A>,
@@ -258,6 +263,10 @@ async fn serve<A: Adapter>(
             Duration::from_millis(l.offline_sweep_ms),
         ),
     );
+    let mut expiry_stop = sweep_stop.clone();
+    tokio::spawn(expiry.run(io.clone(), async move {
+        expiry_stop.wait_for(|s| *s).await.ok();
+    }));
     tokio::spawn(realtime::slow::sweep(
         io.clone(),
         realtime::slow::SweepConfig::default(),

@@ -298,6 +298,7 @@ pub async fn auth_refresh<A: Adapter>(
         s.join(new_rooms);
     }
     let exp = fresh.exp;
+    ctx.expiry.watch(fresh.deadline(), s.id);
     session.set_claims(fresh);
     tracing::debug!(sid = %s.id, exp, "token refreshed");
     reply.send(

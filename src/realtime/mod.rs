@@ -7,6 +7,7 @@
 //! and user rooms ([`rooms::membership`]) and its [`Session`] lives in the socket's extensions.
 
 pub mod emitter;
+pub mod expiry;
 mod fanout;
 mod handlers;
 mod history;
@@ -26,17 +27,15 @@ use std::time::Duration;
 use serde_json::Value;
 use socketioxide::adapter::Adapter;
 use socketioxide::extract::{Extension, SocketRef, State, TryData};
-use socketioxide::socket::{DisconnectReason, Sid};
+use socketioxide::socket::DisconnectReason;
 use socketioxide::{SocketIo, SocketIoBuilder};
 
 pub use fanout::{batches, run as run_fanout};
 pub use session::Session;
 
-use crate::auth::jwt::now_secs;
 use crate::auth::{AuthError, JwtVerifier};
 use crate::config::{Config, Limits};
 use crate::store::Store;
-use crate::wire::AuthExpired;
 
 /// What the socket handlers share (registered as socketioxide state).
 #[derive(Clone)]
@@ -47,6 +46,8 @@ pub struct Ctx {
     pub allow_token_in_query: bool,
     /// Replays for reconnecting sockets and `sync` go to the emitter.
     pub commands: tokio::sync::mpsc::Sender<emitter::Command>,
+    /// Ends sockets whose token runs out.
+    pub expiry: Arc<expiry::Expiry>,
 }
 
 /// The first read buffer of a WebSocket connection.
@@ -179,10 +180,9 @@ struct PendingReplay(Arc<std::sync::Mutex<Option<Replaying>>>);
 type Replaying = (Option<offset::Offset>, session::Turn);
 
 /// A socket that passed [`authenticate`]: start its replay if it asked for one (now that the
-/// client knows it is connected), and arm the timer that ends it when its token runs out.
+/// client knows it is connected), and watch for its token to run out.
 pub async fn on_connect<A: Adapter>(
     s: SocketRef<A>,
-    io: SocketIo<A>,
     Extension(session): Extension<Arc<Session>>,
     State(ctx): State<Ctx>,
 ) {
@@ -206,8 +206,7 @@ pub async fn on_connect<A: Adapter>(
             tracing::debug!(sid = %s.id, "shutting down; no replay");
         }
     }
-    let task = tokio::spawn(expire_at_deadline(io, s.id, session.clone()));
-    session.set_expiry_task(task.abort_handle());
+    ctx.expiry.watch(claims.deadline(), s.id);
 }
 
 async fn on_disconnect<A: Adapter>(
@@ -215,7 +214,6 @@ async fn on_disconnect<A: Adapter>(
     Extension(session): Extension<Arc<Session>>,
     reason: DisconnectReason,
 ) {
-    session.end();
     crate::observe::socket_disconnected(transport_label(session.transport()));
     tracing::info!(sid = %s.id, ?reason, "socket disconnected");
 }
@@ -224,24 +222,5 @@ fn transport_label(t: socketioxide::TransportType) -> &'static str {
     match t {
         socketioxide::TransportType::Websocket => "websocket",
         socketioxide::TransportType::Polling => "polling",
-    }
-}
-
-/// Sleeps until the token's `exp` + leeway (re-reading it, since `auth:refresh` may have moved
-/// it), then emits `auth:expired` and disconnects the socket.
-async fn expire_at_deadline<A: Adapter>(io: SocketIo<A>, sid: Sid, session: Arc<Session>) {
-    loop {
-        let deadline = session.claims().deadline();
-        let now = now_secs();
-        if now > deadline {
-            break;
-        }
-        // One second past the deadline: the handshake accepts a token up to and including it.
-        tokio::time::sleep(Duration::from_secs((deadline - now + 1) as u64)).await;
-    }
-    if let Some(s) = io.get_socket(sid) {
-        tracing::info!(sid = %sid, "token expired, disconnecting");
-        s.emit("auth:expired", &AuthExpired {}).ok();
-        s.disconnect().ok();
     }
 }

@@ -5,7 +5,6 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::Instant;
 
 use tokio::sync::Notify;
-use tokio::task::AbortHandle;
 
 use super::limiter::{RateLimiter, Verdict};
 use crate::auth::UserClaims;
@@ -18,8 +17,6 @@ pub struct Session {
     limiter: Mutex<RateLimiter>,
     /// Site and unit rooms joined through `subscribe:*`, counted against the per-socket cap.
     subscriptions: Mutex<HashSet<String>>,
-    /// The task that ends the socket when its token runs out; aborted on disconnect.
-    expiry: Mutex<Option<AbortHandle>>,
     /// Client events are handled in arrival order (see [`Turn`]).
     turns: Mutex<Turns>,
     turn_changed: Notify,
@@ -48,7 +45,6 @@ impl Session {
                 Instant::now(),
             )),
             subscriptions: Mutex::new(HashSet::new()),
-            expiry: Mutex::new(None),
             turns: Mutex::new(Turns::default()),
             turn_changed: Notify::new(),
         })
@@ -87,17 +83,6 @@ impl Session {
         self.subscriptions.lock().unwrap().remove(room);
     }
 
-    pub fn set_expiry_task(&self, handle: AbortHandle) {
-        if let Some(old) = self.expiry.lock().unwrap().replace(handle) {
-            old.abort();
-        }
-    }
-
-    pub fn end(&self) {
-        if let Some(task) = self.expiry.lock().unwrap().take() {
-            task.abort();
-        }
-    }
 }
 
 /// A client event's place in line. socketioxide runs every event handler as its own task, so

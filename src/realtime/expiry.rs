@@ -1,0 +1,112 @@
+//! Ending sockets whose token runs out: one task for every socket of the node, not a task and a
+//! timer per socket (about 0.8 KiB of each idle socket's memory went to its own expiry task).
+//!
+//! Deadlines wait in one ordered set. The task sleeps until the earliest; when it comes, it
+//! re-reads the socket's token (`auth:refresh` may have moved the deadline), and ends the
+//! socket with `auth:expired` if the deadline really passed. Entries of sockets that left, or
+//! whose token was refreshed, are dropped when they come due: a refresh adds its own entry.
+
+use std::collections::BTreeSet;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use socketioxide::SocketIo;
+use socketioxide::adapter::Adapter;
+use socketioxide::socket::Sid;
+use tokio::sync::Notify;
+
+use super::Session;
+use crate::auth::jwt::now_secs;
+use crate::wire::AuthExpired;
+
+/// The deadlines (seconds since the epoch, see `UserClaims::deadline`) of the node's sockets.
+#[derive(Default)]
+pub struct Expiry {
+    due: Mutex<BTreeSet<(i64, Sid)>>,
+    earlier: Notify,
+}
+
+impl Expiry {
+    /// Ends `sid` once `deadline` has passed, unless its token was refreshed by then.
+    pub fn watch(&self, deadline: i64, sid: Sid) {
+        let mut due = self.due.lock().unwrap();
+        let first = due.first().is_none_or(|(d, _)| deadline < *d);
+        due.insert((deadline, sid));
+        drop(due);
+        if first {
+            self.earlier.notify_one();
+        }
+    }
+
+    /// The entries whose deadline is before `now`, removed.
+    fn take_due(&self, now: i64) -> Vec<Sid> {
+        let mut due = self.due.lock().unwrap();
+        let later = due.split_off(&(now, Sid::ZERO));
+        std::mem::replace(&mut *due, later)
+            .into_iter()
+            .map(|(_, sid)| sid)
+            .collect()
+    }
+
+    fn next_deadline(&self) -> Option<i64> {
+        self.due.lock().unwrap().first().map(|(d, _)| *d)
+    }
+
+    /// Runs until `stop` completes.
+    pub async fn run<A: Adapter>(
+        self: Arc<Self>,
+        io: SocketIo<A>,
+        stop: impl Future<Output = ()>,
+    ) {
+        tokio::pin!(stop);
+        loop {
+            // One second past the deadline: the handshake accepts a token up to and including it.
+            let wait = match self.next_deadline() {
+                Some(d) => Duration::from_secs((d + 1 - now_secs()).max(0) as u64),
+                None => Duration::from_secs(3600),
+            };
+            tokio::select! {
+                _ = tokio::time::sleep(wait) => {}
+                _ = self.earlier.notified() => continue,
+                _ = &mut stop => return,
+            }
+            for sid in self.take_due(now_secs()) {
+                end_if_expired(&io, sid);
+            }
+        }
+    }
+}
+
+fn end_if_expired<A: Adapter>(io: &SocketIo<A>, sid: Sid) {
+    let Some(s) = io.get_socket(sid) else {
+        return; // gone already
+    };
+    let Some(session) = s.extensions.get::<Arc<Session>>() else {
+        return;
+    };
+    if now_secs() <= session.claims().deadline() {
+        return; // refreshed: its new deadline has an entry of its own
+    }
+    tracing::info!(sid = %sid, "token expired, disconnecting");
+    s.emit("auth:expired", &AuthExpired {}).ok();
+    s.disconnect().ok();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn due_entries_come_out_in_deadline_order_and_only_once() {
+        let e = Expiry::default();
+        let (a, b, c) = (Sid::new(), Sid::new(), Sid::new());
+        e.watch(30, a);
+        e.watch(10, b);
+        e.watch(20, c);
+        assert_eq!(e.next_deadline(), Some(10));
+        assert_eq!(e.take_due(10), Vec::<Sid>::new(), "a deadline is inclusive");
+        assert_eq!(e.take_due(21), vec![b, c]);
+        assert_eq!(e.take_due(21), Vec::<Sid>::new());
+        assert_eq!(e.next_deadline(), Some(30));
+    }
+}
