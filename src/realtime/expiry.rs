@@ -53,11 +53,7 @@ impl Expiry {
     }
 
     /// Runs until `stop` completes.
-    pub async fn run<A: Adapter>(
-        self: Arc<Self>,
-        io: SocketIo<A>,
-        stop: impl Future<Output = ()>,
-    ) {
+    pub async fn run<A: Adapter>(self: Arc<Self>, io: SocketIo<A>, stop: impl Future<Output = ()>) {
         tokio::pin!(stop);
         loop {
             // One second past the deadline: the handshake accepts a token up to and including it.
