@@ -5,7 +5,12 @@
 # scenario on stdout. Progress goes to stderr. See bench/README.md and README "Performance".
 #
 #   bench/load.sh [--quick] [--scenarios idle,fanout,ingest,two-node] [--out FILE]
-#                 [--no-build] [-- extra sensorwire-loadgen flags]
+#                 [--servers sensorwire,node,floor] [--no-build] [-- extra sensorwire-loadgen flags]
+#
+# idle and fanout also run, with the same loadgen flags, against the reference servers in
+# --servers (default all): `node` (bench/ref-node, socket.io on Node; `npm ci` there on first
+# use) and `floor` (bench/ref-floor, a minimal Rust WebSocket fan-out). A last
+# {"scenario":"compare",...} line gives sensorwire's figures as ratios to theirs.
 #
 # Needs: cargo, PostgreSQL at $BENCH_POSTGRES_URL (default postgres://root@127.0.0.1:5432/test;
 # used only to CREATE and DROP a database per run) for ingest/postgres and two-node,
@@ -20,6 +25,7 @@ cd "$(dirname "$0")/.."
 
 QUICK=()
 SCENARIOS="idle,fanout,ingest,two-node"
+SERVERS="sensorwire,node,floor"
 OUT=""
 BUILD=1
 EXTRA=()
@@ -30,7 +36,8 @@ while [ $# -gt 0 ]; do
     --out) OUT="$2"; shift ;;
     --no-build) BUILD=0 ;;
     --) shift; EXTRA=("$@"); break ;;
-    -h|--help) sed -n '2,12p' "$0"; exit 0 ;;
+    --servers) SERVERS="$2"; shift ;;
+    -h|--help) sed -n '2,17p' "$0"; exit 0 ;;
     *) echo "load.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
   esac
   shift
@@ -45,7 +52,30 @@ if [ "$BUILD" = 1 ]; then
 fi
 BIN="${SENSORWIRE_BIN:-$TARGET_DIR/release/sensorwire}"
 LOADGEN="${LOADGEN_BIN:-$TARGET_DIR/release/sensorwire-loadgen}"
+FLOOR="${FLOOR_BIN:-$TARGET_DIR/release/sensorwire-ref-floor}"
 [ -x "$BIN" ] && [ -x "$LOADGEN" ] || { log "missing $BIN or $LOADGEN"; exit 1; }
+
+# The servers measured in idle and fanout: sensorwire and the references that can run here.
+wants_server() { case ",$SERVERS," in *",$1,"*) return 0 ;; *) return 1 ;; esac; }
+for s in ${SERVERS//,/ }; do
+  case "$s" in
+    sensorwire|node|floor) ;;
+    *) log "unknown server $s (sensorwire, node, floor)"; exit 2 ;;
+  esac
+done
+REFS=()
+if wants_server node; then
+  if [ ! -f bench/ref-node/server.mjs ] || ! command -v node >/dev/null; then
+    log "no node or bench/ref-node/server.mjs: node skipped"
+  elif [ -d bench/ref-node/node_modules ] || (cd bench/ref-node && npm ci --no-audit --no-fund --loglevel=error >&2); then
+    REFS+=(node)
+  else
+    log "npm ci in bench/ref-node failed: node skipped"
+  fi
+fi
+if wants_server floor; then
+  if [ -x "$FLOOR" ]; then REFS+=(floor); else log "missing $FLOOR: floor skipped"; fi
+fi
 
 # 10,000 sockets need 10,000 descriptors in the gateway and as many in the load generator.
 HARD=$(ulimit -Hn)
@@ -99,6 +129,19 @@ free_port() {
   done
 }
 
+# wait_listening NAME PID: waits for "listening on http://..." in $WORK/NAME.out; sets GW_URL.
+wait_listening() {
+  local name=$1 pid=$2 out="$WORK/$1.out"
+  GW_URL=""
+  for _ in $(seq 1 300); do
+    GW_URL=$(sed -n 's/.*listening on \(http:\/\/[0-9.:]*\).*/\1/p' "$out" 2>/dev/null | head -1)
+    [ -n "$GW_URL" ] && break
+    kill -0 "$pid" 2>/dev/null || { log "server $name died:"; cat "$WORK/$name.err" >&2; return 1; }
+    sleep 0.1
+  done
+  [ -n "$GW_URL" ] || { log "server $name did not start"; return 1; }
+}
+
 # start_gateway NAME DATABASE_URL [REDIS_URL]: sets GW_PID and GW_URL.
 start_gateway() {
   local name=$1 db=$2 redis=${3:-}
@@ -112,15 +155,22 @@ start_gateway() {
     "$BIN" serve >"$out" 2>"$WORK/$name.err" &
   GW_PID=$!
   PIDS+=("$GW_PID")
-  GW_URL=""
-  for _ in $(seq 1 300); do
-    GW_URL=$(sed -n 's/.*listening on \(http:\/\/[0-9.:]*\).*/\1/p' "$out" | head -1)
-    [ -n "$GW_URL" ] && break
-    kill -0 "$GW_PID" 2>/dev/null || { log "gateway $name died:"; cat "$WORK/$name.err" >&2; return 1; }
-    sleep 0.1
-  done
-  [ -n "$GW_URL" ] || { log "gateway $name did not start"; return 1; }
+  wait_listening "$name" "$GW_PID"
   log "gateway $name pid $GW_PID at $GW_URL ($db)"
+}
+
+# start_reference NAME REF (floor or node): the reference server, same secret and flush
+# interval as the gateways, no storage; sets GW_PID and GW_URL.
+start_reference() {
+  local name=$1 ref=$2
+  local cmd=("$FLOOR")
+  [ "$ref" = node ] && cmd=(node bench/ref-node/server.mjs)
+  env HOST=127.0.0.1 PORT=0 JWT_SECRET="$SECRET" FLUSH_INTERVAL_MS=$FLUSH_MS \
+    "${cmd[@]}" >"$WORK/$name.out" 2>"$WORK/$name.err" &
+  GW_PID=$!
+  PIDS+=("$GW_PID")
+  wait_listening "$name" "$GW_PID" || return 1
+  log "reference $ref pid $GW_PID at $GW_URL"
 }
 
 stop_pid() {
@@ -174,6 +224,27 @@ run_sqlite() { # SCENARIO
   gateway_log "$1"
 }
 
+# run_reference SCENARIO REF: the scenario with the same loadgen flags against a reference
+# server (nothing stored: no --verify-cmd).
+run_reference() {
+  local name="$1-$2" protocol=socketio
+  [ "$2" = floor ] && protocol=raw
+  start_reference "$name" "$2" || { STATUS=1; return 0; }
+  perf_start "$name" "$GW_PID"
+  loadgen --scenario "$1" --url "$GW_URL" --server-pid "$GW_PID" --engine memory \
+    --server-name "$2" --protocol "$protocol"
+  perf_stop
+  stop_pid "$GW_PID"
+  gateway_log "$name"
+  COMPARED=1
+}
+
+# run_compared SCENARIO: sensorwire (SQLite), then each reference.
+run_compared() {
+  if wants_server sensorwire; then run_sqlite "$1"; COMPARED=1; fi
+  for ref in "${REFS[@]}"; do run_reference "$1" "$ref"; done
+}
+
 run_postgres() { # SCENARIO NAME
   new_pg_db
   start_gateway "$2" "$DB_URL"
@@ -211,16 +282,22 @@ run_two_node() {
   drop_pg_db "$DB_NAME"
 }
 
+COMPARED=0
 IFS=',' read -ra WANT <<< "$SCENARIOS"
 for s in "${WANT[@]}"; do
   case "$s" in
-    idle) run_sqlite idle ;;
-    fanout) run_sqlite fanout ;;
+    idle) run_compared idle ;;
+    fanout) run_compared fanout ;;
     ingest) run_sqlite ingest; run_postgres ingest ingest-pg ;;
     two-node) run_two_node ;;
     *) log "unknown scenario $s (idle, fanout, ingest, two-node)"; STATUS=2 ;;
   esac
 done
+
+# sensorwire's idle and fanout figures as ratios to the references' of this run.
+if [ "$COMPARED" = 1 ] && wants_server sensorwire && [ "${#REFS[@]}" -gt 0 ]; then
+  loadgen --scenario compare --baseline "$RESULTS"
+fi
 
 [ -n "$OUT" ] && cp "$RESULTS" "$OUT"
 exit "$STATUS"

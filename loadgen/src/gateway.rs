@@ -260,14 +260,12 @@ pub async fn post_readings(
 /// The sum of a counter in the gateway's Prometheus text, over the series whose labels contain
 /// `label` (e.g. `event="sensor:readings:batch"`).
 pub async fn metric(http: &reqwest::Client, base: &str, name: &str, label: &str) -> Option<f64> {
-    let text = http
-        .get(format!("{base}/metrics"))
-        .send()
-        .await
-        .ok()?
-        .text()
-        .await
-        .ok()?;
+    let res = http.get(format!("{base}/metrics")).send().await.ok()?;
+    // A server without the endpoint (404) has no figure, not zero.
+    if !res.status().is_success() {
+        return None;
+    }
+    let text = res.text().await.ok()?;
     // A counter appears once it was first incremented: absent means 0.
     let mut sum = Some(0.0);
     for line in text.lines() {

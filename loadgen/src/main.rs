@@ -11,6 +11,13 @@
 //! - `ingest`: concurrent posters of large requests, no clients: durable readings per second.
 //! - `two-node`: `fanout` against several gateways sharing Redis and PostgreSQL, clients split
 //!   over them; compared with a one-node `fanout` line given by `--baseline`.
+//! - `compare`: no load; reads the `idle` and `fanout` lines of a run (`--baseline FILE`) and
+//!   prints sensorwire's figures as ratios to the reference servers' (`--server-name floor`,
+//!   `node`) measured in the same run.
+//!
+//! `idle` and `fanout` also drive the reference servers of `bench/`: the Node socket.io server
+//! (`--protocol socketio`, as sensorwire) and the minimal Rust floor (`--protocol raw`: a plain
+//! WebSocket, one batch JSON object per text frame).
 
 #![recursion_limit = "256"]
 
@@ -41,6 +48,7 @@ enum Scenario {
     Fanout,
     Ingest,
     TwoNode,
+    Compare,
 }
 
 impl Scenario {
@@ -50,6 +58,7 @@ impl Scenario {
             Scenario::Fanout => "fanout",
             Scenario::Ingest => "ingest",
             Scenario::TwoNode => "two-node",
+            Scenario::Compare => "compare",
         }
     }
 }
@@ -61,19 +70,30 @@ struct Args {
     /// What to run.
     #[arg(long, value_enum)]
     scenario: Scenario,
-    /// Gateway base URL(s), comma-separated (`http://127.0.0.1:PORT`); two-node needs several.
-    #[arg(long, value_delimiter = ',', required = true)]
+    /// Gateway base URL(s), comma-separated (`http://127.0.0.1:PORT`); two-node needs several
+    /// (every scenario but compare needs one).
+    #[arg(long, value_delimiter = ',')]
     url: Vec<String>,
+    /// What the server speaks: Socket.io v4 (sensorwire, the Node reference) or a plain
+    /// WebSocket at `/ws?token=` with one batch JSON object per text frame (the Rust floor).
+    #[arg(long, value_enum, default_value = "socketio")]
+    protocol: sio::Protocol,
+    /// The server measured, printed as `server` in the line (`sensorwire`, `node`, `floor`);
+    /// compare: the one whose figures are divided by the others'.
+    #[arg(long, default_value = "sensorwire")]
+    server_name: String,
     /// The gateways' pids, for CPU and RSS from /proc (same order as --url).
     #[arg(long, value_delimiter = ',')]
     server_pid: Vec<u32>,
     /// redis-server's pid (two-node), for its CPU.
     #[arg(long)]
     redis_pid: Option<u32>,
-    /// The gateways' HS256 secret, to mint admin and dashboard tokens.
-    #[arg(long, env = "JWT_SECRET", hide_env_values = true)]
+    /// The gateways' HS256 secret, to mint admin and dashboard tokens (every scenario but
+    /// compare).
+    #[arg(long, env = "JWT_SECRET", hide_env_values = true, default_value = "")]
     jwt_secret: String,
-    /// The database engine the gateways run on (reported only).
+    /// The database engine the gateways run on (reported only; the references: `memory`).
+    /// compare: the engine of the lines of `--server-name` to compare.
     #[arg(long, default_value = "sqlite")]
     engine: String,
     /// Small scale and short durations (about 1–2 minutes for every scenario together).
@@ -120,7 +140,7 @@ struct Args {
     #[arg(long)]
     verify_cmd: Option<String>,
     /// two-node: a file of earlier JSON lines; the last one-node `fanout` line of the same
-    /// engine is the comparison.
+    /// engine is the comparison. compare: the run's JSON lines.
     #[arg(long)]
     baseline: Option<PathBuf>,
 }
@@ -148,6 +168,16 @@ impl Args {
 
 fn main() -> Result<()> {
     let args = Args::parse();
+    if args.scenario == Scenario::Compare {
+        println!("{}", ordered(&compare(&args)?));
+        return Ok(());
+    }
+    if args.url.is_empty() {
+        bail!("--url is required (every scenario but compare)");
+    }
+    if args.jwt_secret.is_empty() {
+        bail!("--jwt-secret (or JWT_SECRET) is required (every scenario but compare)");
+    }
     if args.scenario == Scenario::TwoNode && args.url.len() < 2 {
         bail!("two-node needs --url with at least two gateways");
     }
@@ -158,13 +188,15 @@ fn main() -> Result<()> {
         .worker_threads(args.client_threads.max(1))
         .enable_all()
         .build()?;
-    let line = rt.block_on(async {
+    let mut line = rt.block_on(async {
         match args.scenario {
             Scenario::Idle => idle(&args).await,
             Scenario::Fanout | Scenario::TwoNode => fanout(&args).await,
             Scenario::Ingest => ingest(&args).await,
+            Scenario::Compare => unreachable!("handled above"),
         }
     })?;
+    line["server"] = json!(args.server_name);
     println!("{}", ordered(&line));
     // Thousands of client tasks may still be closing: do not wait for them.
     rt.shutdown_timeout(Duration::from_secs(1));
@@ -175,7 +207,11 @@ fn main() -> Result<()> {
 /// a scenario reads better from its name down). Fields not listed follow, sorted.
 const FIELD_ORDER: &[&str] = &[
     "scenario",
+    "server",
     "engine",
+    "references",
+    "idle",
+    "fanout",
     "nodes",
     "clients",
     "orgs",
@@ -237,11 +273,25 @@ const FIELD_ORDER: &[&str] = &[
     "redis_cpu_s",
     "targets",
     "vs_one_node",
+    // compare: the servers' figures, then the ratios.
+    "sensorwire",
+    "node",
+    "floor",
+    "vs_node",
+    "vs_floor",
+    "minus_floor_ms",
+    "le_floor_plus_100ms",
 ];
 
+/// Nested objects too (unlisted keys keep serde_json's sorted order).
 fn ordered(line: &Value) -> String {
-    let Some(map) = line.as_object() else {
-        return line.to_string();
+    let map = match line {
+        Value::Object(map) => map,
+        Value::Array(items) => {
+            let items: Vec<String> = items.iter().map(ordered).collect();
+            return format!("[{}]", items.join(","));
+        }
+        other => return other.to_string(),
     };
     let mut keys: Vec<&String> = map.keys().collect();
     let rank = |k: &str| {
@@ -253,7 +303,7 @@ fn ordered(line: &Value) -> String {
     keys.sort_by_key(|k| (rank(k), k.as_str()));
     let fields: Vec<String> = keys
         .iter()
-        .map(|k| format!("{}:{}", Value::from(k.as_str()), map[k.as_str()]))
+        .map(|k| format!("{}:{}", Value::from(k.as_str()), ordered(&map[k.as_str()])))
         .collect();
     format!("{{{}}}", fields.join(","))
 }
@@ -350,6 +400,7 @@ async fn connect_clients(a: &Args, orgs: &[Org], n: usize) -> Result<Clients> {
             );
             tokio::spawn(sio::run(
                 addrs[node].clone(),
+                a.protocol,
                 token,
                 org as u32,
                 node as u16,
@@ -857,6 +908,105 @@ fn compare_with_baseline(a: &Args, line: &Value, cpu_with_redis: f64) -> Value {
         "redis_cpu_us_per_broadcast": redis_us,
         "one_node_exactly_once": b["exactly_once"],
     })
+}
+
+// ---------------------------------------------------------------------------------------------
+// Scenario: compare
+
+/// The reference servers `bench/load.sh` measures next to sensorwire, in the order printed.
+const REFERENCES: &[&str] = &["node", "floor"];
+
+/// sensorwire's `idle` and `fanout` figures against the reference servers' of the same run
+/// (`--baseline FILE`): for each metric the raw figure of every server, `vs_<ref>` =
+/// sensorwire / reference, and for the fanout p99 the gap to the floor's, whose target is
+/// "p99 ≤ the floor's p99 + 100 ms". The last one-node line of each server counts; for
+/// `--server-name` only those of `--engine`. A scenario no server ran is left out.
+fn compare(a: &Args) -> Result<Value> {
+    let path = a
+        .baseline
+        .as_ref()
+        .context("compare needs --baseline FILE (the JSON lines of the run)")?;
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let lines: Vec<Value> = text
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .collect();
+    let me = a.server_name.as_str();
+    // Lines of before the `server` field are sensorwire's.
+    let server_of = |v: &Value| v["server"].as_str().unwrap_or("sensorwire").to_string();
+    let pick = |scenario: &str, server: &str| -> Option<&Value> {
+        lines.iter().rev().find(|v| {
+            v["scenario"] == scenario
+                && v["nodes"].as_u64().unwrap_or(1) == 1
+                && server_of(v) == server
+                && (server != me || v["engine"] == a.engine.as_str())
+        })
+    };
+    let ratio = |x: Option<f64>, y: Option<f64>| match (x, y) {
+        (Some(x), Some(y)) if y > 0.0 => Some(round2(x / y)),
+        _ => None,
+    };
+    // One metric over the servers: {"sensorwire": x, "floor": y, ..., "vs_floor": x/y, ...}.
+    let metric = |mine: &Value, refs: &[(&str, &Value)], get: &dyn Fn(&Value) -> Option<f64>| {
+        let mut m = serde_json::Map::new();
+        m.insert(me.to_string(), json!(get(mine)));
+        for (name, line) in refs {
+            m.insert(name.to_string(), json!(get(line)));
+        }
+        for (name, line) in refs {
+            m.insert(format!("vs_{name}"), json!(ratio(get(mine), get(line))));
+        }
+        Value::Object(m)
+    };
+    let each = |mine: &Value, refs: &[(&str, &Value)], key: &str| {
+        let mut m = serde_json::Map::new();
+        m.insert(me.to_string(), mine[key].clone());
+        for (name, line) in refs {
+            m.insert(name.to_string(), line[key].clone());
+        }
+        Value::Object(m)
+    };
+    let mut out = json!({ "scenario": "compare", "server": me, "engine": a.engine });
+    let mut found: Vec<&str> = Vec::new();
+    for scenario in ["idle", "fanout"] {
+        let Some(mine) = pick(scenario, me) else {
+            continue;
+        };
+        let refs: Vec<(&str, &Value)> = REFERENCES
+            .iter()
+            .filter(|r| **r != me)
+            .filter_map(|r| pick(scenario, r).map(|l| (*r, l)))
+            .collect();
+        for (r, _) in &refs {
+            if !found.contains(r) {
+                found.push(r);
+            }
+        }
+        let mut s = json!({ "connections_held": each(mine, &refs, "connections_held") });
+        if scenario == "idle" {
+            s["server_rss_per_connection_kib"] = metric(mine, &refs, &|v| {
+                v["server_rss_per_connection_kib"].as_f64()
+            });
+        } else {
+            s["server_cpu_s_per_million_deliveries"] = metric(mine, &refs, &|v| {
+                v["server_cpu_s_per_million_deliveries"].as_f64()
+            });
+            let p99 = |v: &Value| v["latency_ms"]["p99"].as_f64();
+            let mut lat = metric(mine, &refs, &p99);
+            if let Some((_, floor)) = refs.iter().find(|(r, _)| *r == "floor") {
+                let gap = p99(mine).zip(p99(floor)).map(|(m, f)| round1(m - f));
+                lat["minus_floor_ms"] = json!(gap);
+                lat["le_floor_plus_100ms"] = json!(gap.map(|g| g <= 100.0));
+            }
+            s["latency_p99_ms"] = lat;
+            s["completeness"] = each(mine, &refs, "completeness");
+            s["exactly_once"] = each(mine, &refs, "exactly_once");
+        }
+        out[scenario] = s;
+    }
+    out["references"] = json!(found);
+    Ok(out)
 }
 
 // ---------------------------------------------------------------------------------------------

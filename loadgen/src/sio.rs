@@ -3,6 +3,10 @@
 //! namespace `CONNECT` with `{ token }`, heartbeats (`2` → `3`), and `EVENT` packets
 //! (`42["name", payload]`), of which it decodes only `sensor:readings:batch`.
 //!
+//! With [`Protocol::Raw`] (the minimal Rust floor, `bench/ref-floor`) it is a plain WebSocket
+//! client instead: `GET /ws?token=<jwt>`, connected once the upgrade succeeds, every text frame
+//! one batch JSON object. Both protocols share the batch accounting ([`on_batch`]).
+//!
 //! Per connection it keeps a delivery count and a sum of hashed reading ids (see
 //! [`crate::stats::id_hash`]): with the set of readings posted to the organisation that is enough
 //! to tell "every reading exactly once" from "missing some" or "some twice", in 16 bytes instead
@@ -86,6 +90,15 @@ struct Reading<'a> {
 
 type Ws = WebSocketStream<TcpStream>;
 
+/// What the server speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Protocol {
+    /// Engine.IO v4 / Socket.io v4 over WebSocket (sensorwire, the Node reference).
+    Socketio,
+    /// A plain WebSocket at `/ws?token=`, one batch JSON object per text frame (the floor).
+    Raw,
+}
+
 fn ws_config() -> WebSocketConfig {
     // Small buffers: thousands of connections per process; batches are a few KiB.
     WebSocketConfig::default()
@@ -93,16 +106,24 @@ fn ws_config() -> WebSocketConfig {
         .write_buffer_size(0)
 }
 
-/// Opens the WebSocket transport and completes the namespace handshake.
-async fn handshake(addr: &str, token: &str) -> Result<Ws, String> {
+/// Opens the WebSocket: the Socket.io transport (then the namespace handshake), or the raw
+/// `/ws` endpoint with the token in the query (connected once upgraded).
+async fn handshake(addr: &str, token: &str, protocol: Protocol) -> Result<Ws, String> {
     let tcp = TcpStream::connect(addr)
         .await
         .map_err(|e| format!("tcp: {}", e.kind()))?;
     tcp.set_nodelay(true).ok();
-    let url = format!("ws://{addr}/socket.io/?EIO=4&transport=websocket");
+    let url = match protocol {
+        Protocol::Socketio => format!("ws://{addr}/socket.io/?EIO=4&transport=websocket"),
+        // A JWT is base64url and dots: nothing to escape in a query.
+        Protocol::Raw => format!("ws://{addr}/ws?token={token}"),
+    };
     let (mut ws, _) = client_async_with_config(url, tcp, Some(ws_config()))
         .await
         .map_err(|e| format!("websocket: {e}"))?;
+    if protocol == Protocol::Raw {
+        return Ok(ws);
+    }
     match ws.next().await {
         Some(Ok(Message::Text(t))) if t.starts_with('0') => {}
         other => return Err(format!("no engine.io open packet: {other:?}")),
@@ -137,8 +158,10 @@ async fn handshake(addr: &str, token: &str) -> Result<Ws, String> {
 
 /// One dashboard: connects (holding a `gate` permit only while connecting, so at most that many
 /// handshakes run at once), then receives until `stop` turns true or the server drops it.
+#[allow(clippy::too_many_arguments)]
 pub async fn run(
     addr: Arc<str>,
+    protocol: Protocol,
     token: String,
     org: u32,
     node: u16,
@@ -153,7 +176,7 @@ pub async fn run(
     };
     let connecting = async {
         let _permit = gate.acquire().await;
-        tokio::time::timeout(Duration::from_secs(30), handshake(&addr, &token)).await
+        tokio::time::timeout(Duration::from_secs(30), handshake(&addr, &token, protocol)).await
     };
     let mut ws = tokio::select! {
         r = connecting => match r {
@@ -178,8 +201,17 @@ pub async fn run(
         tokio::select! {
             msg = ws.next() => match msg {
                 Some(Ok(Message::Text(t))) => {
-                    if t.starts_with(BATCH_PREFIX) {
+                    if protocol == Protocol::Raw {
                         on_batch(&t, &shared, &mut out);
+                    } else if let Some(event) = t.strip_prefix(BATCH_PREFIX) {
+                        // 42["sensor:readings:batch",{...}]: the payload without the `]`.
+                        match event.strip_suffix(']') {
+                            Some(body) => on_batch(body, &shared, &mut out),
+                            None => {
+                                shared.batch_events.fetch_add(1, Ordering::Relaxed);
+                                shared.bad_events.fetch_add(1, Ordering::Relaxed);
+                            }
+                        }
                     } else if t.as_str() == "2" {
                         if let Err(e) = ws.send(Message::text("3")).await {
                             out.lost = Some(format!("pong: {e}"));
@@ -218,13 +250,10 @@ pub async fn run(
     out
 }
 
-fn on_batch(text: &str, shared: &Shared, out: &mut Outcome) {
+/// One `ReadingsBatch` JSON object, whatever carried it: counts its readings and their id
+/// hashes for this client, and times them from `recordedAt`.
+fn on_batch(body: &str, shared: &Shared, out: &mut Outcome) {
     shared.batch_events.fetch_add(1, Ordering::Relaxed);
-    let body = &text[BATCH_PREFIX.len()..];
-    let Some(body) = body.strip_suffix(']') else {
-        shared.bad_events.fetch_add(1, Ordering::Relaxed);
-        return;
-    };
     let batch: Batch = match serde_json::from_str(body) {
         Ok(b) => b,
         Err(_) => {

@@ -82,7 +82,6 @@ impl Session {
     pub fn remove_subscription(&self, room: &str) {
         self.subscriptions.lock().unwrap().remove(room);
     }
-
 }
 
 /// A client event's place in line. socketioxide runs every event handler as its own task, so
