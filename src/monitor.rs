@@ -86,15 +86,12 @@ impl Monitor {
                 // batches are out, which can only come after it.
                 biased;
                 handover = committed.recv() => match handover {
-                    Some(h) => {
-                        self.in_flight.extend(h.pending.map(Leased::Readings));
-                        self.announce(h.events).await;
-                    }
+                    Some(h) => self.take(h).await,
                     None => break,
                 },
                 Some(id) = sent.recv() => self.sent(id, &mut sent).await,
                 _ = sweep.tick() => self.sweep().await,
-                _ = relay.tick() => self.relay().await,
+                _ = relay.tick() => self.relay(&mut committed).await,
             }
         }
         let deadline = tokio::time::Instant::now() + DRAIN;
@@ -106,6 +103,21 @@ impl Monitor {
         }
         self.flush_deletes().await;
         tracing::debug!("monitor stopped");
+    }
+
+    /// A commit's rows are this node's from here on: in flight, never relayed as orphans.
+    async fn take(&mut self, h: Handover) {
+        self.in_flight.extend(h.pending.map(Leased::Readings));
+        self.announce(h.events).await;
+    }
+
+    /// Takes the handovers already queued. Before claiming expired rows: a commit slow enough
+    /// to outlive its own lease (SQLite under load) is otherwise claimed as an orphan by its
+    /// own node while its handover waits in the channel, and its batches go out twice.
+    async fn take_queued(&mut self, committed: &mut mpsc::Receiver<Handover>) {
+        while let Ok(h) = committed.try_recv() {
+            self.take(h).await;
+        }
     }
 
     async fn announce(&mut self, events: Vec<OutboxEvent>) {
@@ -159,7 +171,7 @@ impl Monitor {
         }
     }
 
-    async fn relay(&mut self) {
+    async fn relay(&mut self, committed: &mut mpsc::Receiver<Handover>) {
         self.flush_deletes().await;
         if !self.in_flight.is_empty() {
             let leased: Vec<Leased> = self.in_flight.iter().copied().collect();
@@ -167,7 +179,9 @@ impl Monitor {
                 tracing::debug!(error = %e, "renewing the leases of what is in flight failed");
             }
         }
-        self.relay_readings().await;
+        self.take_queued(committed).await;
+        self.relay_readings(committed).await;
+        self.take_queued(committed).await;
         let claimed = match self.store.claim_outbox(now_ms(), RELAY_BATCH).await {
             Ok(claimed) => claimed,
             Err(e) => {
@@ -175,6 +189,8 @@ impl Monitor {
                 return;
             }
         };
+        // A commit that ended while the claim ran sent its handover right after.
+        self.take_queued(committed).await;
         let orphans: Vec<OutboxEvent> = claimed
             .into_iter()
             .filter(|e| !self.in_flight.contains(&Leased::Event(e.id)))
@@ -190,7 +206,7 @@ impl Monitor {
 
     /// Announces the readings of commits whose node died before its flush: read back from
     /// storage, batched per unit in `recordedAt` order, sent like any batch.
-    async fn relay_readings(&mut self) {
+    async fn relay_readings(&mut self, committed: &mut mpsc::Receiver<Handover>) {
         let claimed = match self.store.claim_pending(now_ms(), 20).await {
             Ok(claimed) => claimed,
             Err(e) => {
@@ -198,6 +214,7 @@ impl Monitor {
                 return;
             }
         };
+        self.take_queued(committed).await;
         for (id, ranges) in claimed {
             let leased = Leased::Readings(id);
             if self.in_flight.contains(&leased) {
