@@ -102,8 +102,14 @@ async fn flush(
     max_per_event: usize,
     buffered: &AtomicUsize,
 ) {
-    let units = buffers.len();
-    for (i, ((org, unit), mut buf)) in buffers.drain().enumerate() {
+    // One organisation's batches back to back, in unit order: a socket's engine.io writer then
+    // finds the window's events queued together and sends them in one write (with the map's
+    // order, an organisation's events were spread over the whole window: ~3.6 events per
+    // `send()` at 10,000 sockets instead of one write per socket and window).
+    let mut drained: Vec<_> = buffers.drain().collect();
+    drained.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+    let units = drained.len();
+    for (i, ((org, unit), mut buf)) in drained.into_iter().enumerate() {
         // Stable sort: readings with the same time keep their arrival order.
         buf.readings.sort_by_key(|s| s.recorded_at);
         let batches = batches(
