@@ -12,6 +12,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Instant;
 
+use futures_util::StreamExt;
+use futures_util::stream::FuturesOrdered;
 use tokio::sync::{mpsc, oneshot, watch};
 
 pub use validate::{Invalid, MAX_FUTURE_MS, NewReading, validate};
@@ -153,6 +155,14 @@ pub struct Downstream {
     pub announce: mpsc::Sender<crate::monitor::Handover>,
 }
 
+/// Group commits in flight at once. While one commits (its fsync, the verdicts, the round trips
+/// of a transaction), the next one's rows are already being inserted on another connection, so
+/// the database is not left idle between groups. Two commits touching the same unit are still
+/// serialised by that unit's row lock (taken in one order, as between nodes), so every verdict
+/// is decided from what the previous commit stored; downstream still gets the groups in the
+/// order they were taken, each once its commit is done.
+const IN_FLIGHT: usize = 2;
+
 /// The group-commit loop. On stop it commits what has already queued, then ends, which closes
 /// the downstream channels so the later stages flush and end in turn.
 async fn writer(
@@ -163,48 +173,61 @@ async fn writer(
     health: Health,
     mut stop: watch::Receiver<bool>,
 ) {
-    loop {
-        let first = tokio::select! {
+    let mut inflight = FuturesOrdered::new();
+    let mut open = true;
+    let mut stopping = false;
+    while open || !inflight.is_empty() {
+        tokio::select! {
             biased;
-            job = rx.recv() => match job {
-                Some(job) => job,
-                None => break,
-            },
-            _ = stop.changed() => {
-                rx.close();
-                continue;
-            }
-        };
-        let mut jobs = vec![first];
-        let mut rows = jobs[0].readings.len();
-        while rows < MAX_ROWS_PER_COMMIT {
-            match rx.try_recv() {
-                Ok(job) => {
-                    rows += job.readings.len();
-                    jobs.push(job);
+            Some(done) = inflight.next(), if !inflight.is_empty() => {
+                if let Some(done) = done {
+                    hand_off(done, &downstream).await;
                 }
-                Err(_) => break,
+            }
+            job = rx.recv(), if open && inflight.len() < IN_FLIGHT => {
+                let Some(first) = job else {
+                    open = false;
+                    continue;
+                };
+                let mut jobs = vec![first];
+                let mut rows = jobs[0].readings.len();
+                while rows < MAX_ROWS_PER_COMMIT {
+                    match rx.try_recv() {
+                        Ok(job) => {
+                            rows += job.readings.len();
+                            jobs.push(job);
+                        }
+                        Err(_) => break,
+                    }
+                }
+                // A failed pipeline stage would leave what is stored now unannounced:
+                // acknowledge nothing more (the node is on its way out; see `pipeline`).
+                if health.failed() {
+                    for job in jobs {
+                        job.reply.send(Err(SubmitError::Closed)).ok();
+                    }
+                    continue;
+                }
+                inflight.push_back(commit(&store, jobs, &buffered));
+            }
+            _ = stop.changed(), if !stopping => {
+                stopping = true;
+                rx.close();
             }
         }
-        // A failed pipeline stage would leave what is stored now unannounced: acknowledge
-        // nothing more (the node is on its way out; see `pipeline`).
-        if health.failed() {
-            for job in jobs {
-                job.reply.send(Err(SubmitError::Closed)).ok();
-            }
-            continue;
-        }
-        commit(&store, jobs, &downstream, &buffered).await;
     }
     tracing::debug!("ingest writer stopped");
 }
 
-async fn commit(
-    store: &Store,
-    mut jobs: Vec<Job>,
-    downstream: &Downstream,
-    buffered: &AtomicUsize,
-) {
+/// What a group commit hands downstream once it (and every group taken before it) is done.
+struct Done {
+    handed: Vec<Committed>,
+    events: Vec<crate::store::OutboxEvent>,
+    pending: Option<i64>,
+}
+
+/// Stores a group and answers its requests; `None` when nothing of it was stored.
+async fn commit(store: &Store, mut jobs: Vec<Job>, buffered: &AtomicUsize) -> Option<Done> {
     let started = Instant::now();
     let (committed, rows) = loop {
         let flat: Vec<(&str, &NewReading)> = jobs
@@ -238,7 +261,7 @@ async fn commit(
                     job.reply.send(Err(SubmitError::UnknownUnits(mine))).ok();
                 }
                 if kept.is_empty() {
-                    return;
+                    return None;
                 }
                 jobs = kept;
             }
@@ -250,7 +273,7 @@ async fn commit(
                         .send(Err(SubmitError::Storage(e.to_string())))
                         .ok();
                 }
-                return;
+                return None;
             }
         }
     };
@@ -312,21 +335,30 @@ async fn commit(
     if let Some(last) = handed.last_mut() {
         last.release = committed.pending;
     }
-    // In commit order. Waiting here is the backpressure: a slow stage stops the next commit, the
-    // queue fills, and ingest answers 503.
+    Some(Done {
+        handed,
+        events: committed.events,
+        pending: committed.pending,
+    })
+}
+
+/// Hands a commit's work downstream, in the order the groups were taken.
+async fn hand_off(done: Done, downstream: &Downstream) {
+    // Waiting here is the backpressure: a slow stage stops the next commit, the queue fills,
+    // and ingest answers 503.
     // The `stall-announce` fault drops the events, as a node dying here would; its readings
     // still go out with its batches.
     let events = if crate::fault::active("stall-announce") {
         Vec::new()
     } else {
-        committed.events
+        done.events
     };
     let handover = crate::monitor::Handover {
         events,
-        pending: committed.pending,
+        pending: done.pending,
     };
     downstream.announce.send(handover).await.ok();
-    for committed in handed {
+    for committed in done.handed {
         let committed = Arc::new(committed);
         for tx in &downstream.readings {
             tx.send(committed.clone()).await.ok();

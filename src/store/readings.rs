@@ -67,7 +67,7 @@ pub struct StoredKey {
 }
 
 impl StoredKey {
-    fn key(&self) -> KeyRef<'_> {
+    pub(super) fn key(&self) -> KeyRef<'_> {
         (
             &self.org_id,
             &self.unit_id,
@@ -94,7 +94,7 @@ pub struct Committed {
 /// Runs one group commit in one engine: lock the units, store the readings, decide and write
 /// the alert and status changes, commit.
 macro_rules! commit_in {
-    ($pool:expr, $begin:expr, $engine:ident, $unique:expr, $all:expr, $received_at:expr) => {{
+    ($pool:expr, $begin:expr, $engine:ident, $unique:expr, $received_at:expr) => {{
         let mut tx = $pool.begin_with($begin).await?;
         let keys = unit_state::unit_keys($unique.iter().map(|(o, r)| (*o, r.unit_id.as_str())));
         let units = unit_state::$engine::lock_units(&mut tx, &keys).await?;
@@ -102,18 +102,23 @@ macro_rules! commit_in {
         if !gone.is_empty() {
             return Err(StoreError::UnitsGone(gone));
         }
-        let (inserted, existing) = $engine::insert(&mut tx, $unique, $all, $received_at).await?;
-        let verdicts = decide(&units, $unique, &inserted, $received_at);
+        let stored = $engine::insert(&mut tx, $unique, $received_at).await?;
+        let verdicts = decide(&units, $unique, &stored, $received_at);
         let events = unit_state::$engine::write_verdicts(&mut tx, &verdicts, $received_at).await?;
-        let pending = if inserted.is_empty() {
+        let new: Vec<i64> = stored
+            .iter()
+            .filter(|(_, new)| *new)
+            .map(|(id, _)| *id)
+            .collect();
+        let pending = if new.is_empty() {
             None
         } else {
-            let ranges = unit_state::id_ranges(inserted.iter().map(|k| k.id).collect());
+            let ranges = unit_state::id_ranges(new);
             Some(unit_state::$engine::insert_pending(&mut tx, &ranges, $received_at).await?)
         };
         tx.commit().await?;
         unit_state::observe(&verdicts);
-        (inserted, existing, events, pending)
+        (stored, events, pending)
     }};
 }
 
@@ -127,22 +132,27 @@ impl Store {
         rows: &[(&str, &NewReading)],
         received_at: i64,
     ) -> Result<Committed> {
-        // Keys are borrowed, and hashed three times per row (first occurrence, the stored ids,
-        // the lookup) rather than cloned and hashed eight times: this runs for every reading.
+        // Keys are borrowed and hashed once per row, to find the first occurrence of each:
+        // `slot[i]` is the row of `unique` that row `i` is (or repeats).
         let mut first: HashMap<KeyRef<'_>, usize> = HashMap::with_capacity(rows.len());
         let mut unique = Vec::with_capacity(rows.len());
+        let mut slot = Vec::with_capacity(rows.len());
         for (i, (org, r)) in rows.iter().enumerate() {
-            if let Entry::Vacant(e) = first.entry(key_ref(org, r)) {
-                e.insert(i);
-                unique.push(rows[i]);
+            match first.entry(key_ref(org, r)) {
+                Entry::Vacant(e) => {
+                    e.insert(unique.len());
+                    slot.push(unique.len());
+                    unique.push(rows[i]);
+                }
+                Entry::Occupied(e) => slot.push(*e.get()),
             }
         }
-        let has_duplicates = unique.len() < rows.len();
+        drop(first);
         // Locks are taken in one order, so a deadlock should not happen; a serialization
         // failure or deadlock reported anyway is retried rather than failing the whole group.
         let mut attempt = 0;
-        let (inserted, existing, events, pending) = loop {
-            match self.commit_once(&unique, rows, received_at).await {
+        let (stored, events, pending) = loop {
+            match self.commit_once(&unique, received_at).await {
                 Err(StoreError::Contended(e)) if attempt < 5 => {
                     attempt += 1;
                     tracing::debug!(attempt, error = %e, "group commit contended; retrying");
@@ -151,26 +161,19 @@ impl Store {
                 other => break other?,
             }
         };
-        // key -> (id, stored by this commit)
-        let mut ids: HashMap<KeyRef<'_>, (i64, bool)> =
-            HashMap::with_capacity(inserted.len() + existing.len());
-        for k in &inserted {
-            ids.insert(k.key(), (k.id, true));
+        if stored.len() != unique.len() {
+            return Err(super::StoreError::Other(sqlx::Error::RowNotFound));
         }
-        for k in &existing {
-            ids.entry(k.key()).or_insert((k.id, false));
-        }
-        let outcomes = rows
-            .iter()
-            .enumerate()
-            .map(|(i, (org, r))| {
-                let k = key_ref(org, r);
-                match ids.get(&k) {
-                    Some(&(id, new)) => Ok((id, new && (!has_duplicates || first[&k] == i))),
-                    None => Err(super::StoreError::Other(sqlx::Error::RowNotFound)),
-                }
+        // A repeat within the group answers with the first occurrence's id, as a duplicate.
+        let mut seen = vec![false; unique.len()];
+        let outcomes = slot
+            .into_iter()
+            .map(|u| {
+                let (id, new) = stored[u];
+                let first = !std::mem::replace(&mut seen[u], true);
+                (id, new && first)
             })
-            .collect::<Result<_>>()?;
+            .collect();
         Ok(Committed {
             outcomes,
             events,
@@ -183,20 +186,14 @@ impl Store {
     async fn commit_once(
         &self,
         unique: &[(&str, &NewReading)],
-        rows: &[(&str, &NewReading)],
         received_at: i64,
-    ) -> Result<(
-        Vec<StoredKey>,
-        Vec<StoredKey>,
-        Vec<OutboxEvent>,
-        Option<i64>,
-    )> {
+    ) -> Result<(Vec<(i64, bool)>, Vec<OutboxEvent>, Option<i64>)> {
         Ok(match &self.engine {
             Engine::Sqlite(pool) => {
-                commit_in!(pool, sqlite::BEGIN, sqlite, unique, rows, received_at)
+                commit_in!(pool, sqlite::BEGIN, sqlite, unique, received_at)
             }
             Engine::Postgres(pool) => {
-                commit_in!(pool, postgres::BEGIN, postgres, unique, rows, received_at)
+                commit_in!(pool, postgres::BEGIN, postgres, unique, received_at)
             }
         })
     }
@@ -219,21 +216,17 @@ fn units_gone(units: &[StoredUnit], rows: &[(&str, &NewReading)]) -> Vec<(String
 }
 
 /// Each locked unit's verdict on the readings this commit inserted for it (the new ones only:
-/// duplicates were evaluated when first stored).
+/// duplicates were evaluated when first stored). `stored`: for each row of `unique`, its id and
+/// whether this commit stored it.
 fn decide<'u>(
     units: &'u [StoredUnit],
     unique: &[(&str, &NewReading)],
-    inserted: &[StoredKey],
+    stored: &[(i64, bool)],
     received_at: i64,
 ) -> Vec<(&'u StoredUnit, Verdict, Option<i64>)> {
-    // The common case: every row was new, so there is nothing to filter.
-    let stored: Option<HashSet<KeyRef<'_>>> =
-        (inserted.len() < unique.len()).then(|| inserted.iter().map(StoredKey::key).collect());
     let mut by_unit: HashMap<(&str, &str), Vec<(i64, f64)>> = HashMap::new();
-    for (org, r) in unique {
-        if let Some(stored) = &stored
-            && !stored.contains(&key_ref(org, r))
-        {
+    for ((org, r), (_, new)) in unique.iter().zip(stored) {
+        if !new {
             continue;
         }
         by_unit
@@ -268,13 +261,64 @@ mod tests {
         }
     }
 
+    /// The engines to test on: SQLite, and PostgreSQL when reachable (required under
+    /// `CI=true`), each as a fresh database; the PostgreSQL database's name, to drop after.
+    async fn fresh_stores(dir: &std::path::Path) -> Vec<(Store, Option<String>)> {
+        let url = format!("sqlite:{}", dir.join("t.db").display());
+        let mut stores = vec![(Store::open(&url).await.unwrap(), None)];
+        let admin = std::env::var("TEST_POSTGRES_URL")
+            .unwrap_or_else(|_| "postgres://root@127.0.0.1:5432/test".into());
+        match sqlx::PgPool::connect(&admin).await {
+            Ok(pool) => {
+                let name = format!(
+                    "sw_readings_{}_{}",
+                    std::process::id(),
+                    crate::store::now_ms() % 1_000_000
+                );
+                sqlx::query(&format!("CREATE DATABASE {name}"))
+                    .execute(&pool)
+                    .await
+                    .unwrap();
+                pool.close().await;
+                let url = format!("{}/{name}", &admin[..admin.rfind('/').unwrap()]);
+                stores.push((Store::open(&url).await.unwrap(), Some(name)));
+            }
+            Err(e) if std::env::var("CI").as_deref() == Ok("true") => {
+                panic!("PostgreSQL is required under CI=true but unreachable: {e}")
+            }
+            Err(e) => eprintln!("SKIPPING the PostgreSQL variant: {e}"),
+        }
+        stores
+    }
+
+    async fn drop_db(store: Store, name: Option<String>) {
+        store.close().await;
+        if let Some(name) = name {
+            let admin = std::env::var("TEST_POSTGRES_URL")
+                .unwrap_or_else(|_| "postgres://root@127.0.0.1:5432/test".into());
+            let pool = sqlx::PgPool::connect(&admin).await.unwrap();
+            sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+                .execute(&pool)
+                .await
+                .ok();
+            pool.close().await;
+        }
+    }
+
     /// First occurrence stores, later ones (in the same group or a later commit) are duplicates
-    /// that answer with the first id; the unit's latest reading is the newest stored one.
+    /// that answer with the first id; the unit's latest reading is the newest stored one. On
+    /// both engines: PostgreSQL maps the ids back by position when every row is new, by key
+    /// when some were stored before.
     #[tokio::test]
     async fn duplicates_within_and_across_commits() {
         let dir = tempfile::tempdir().unwrap();
-        let url = format!("sqlite:{}", dir.path().join("t.db").display());
-        let store = Store::open(&url).await.unwrap();
+        for (store, name) in fresh_stores(dir.path()).await {
+            duplicates_on(&store).await;
+            drop_db(store, name).await;
+        }
+    }
+
+    async fn duplicates_on(store: &Store) {
         store.create_site("o", "s", "S").await.unwrap();
         for id in ["u1", "u2"] {
             let unit = NewUnit {
@@ -309,7 +353,39 @@ mod tests {
             .outcomes;
         assert!(second[0].1);
         assert_eq!(second[1], (first[1].0, false));
+        // New rows after a stored one, and a repeat of a new row: ids map to the right rows.
+        let d = reading("u2", 3_000, "d", 4.0);
+        let e = reading("u1", 4_000, "d", 5.0);
+        let third = store
+            .commit_readings(&[("o", &d), ("o", &a), ("o", &e), ("o", &d)], 7)
+            .await
+            .unwrap()
+            .outcomes;
+        assert!(third[0].1 && third[2].1 && !third[1].1 && !third[3].1);
+        assert_eq!(third[1].0, first[0].0);
+        assert_eq!(third[3].0, third[0].0);
+        assert_ne!(third[0].0, third[2].0);
         let unit = store.get_unit("o", "u1").await.unwrap().unwrap();
-        assert_eq!(unit.last_temperature, Some(3.0));
+        assert_eq!(unit.last_temperature, Some(5.0));
+        let unit = store.get_unit("o", "u2").await.unwrap().unwrap();
+        assert_eq!(unit.last_temperature, Some(4.0));
+        // Every id answered is the id of that very reading.
+        for (r, (id, _)) in [(&d, third[0]), (&e, third[2]), (&c, second[0])] {
+            let latest = store
+                .readings(
+                    "o",
+                    &r.unit_id,
+                    &crate::store::ReadingsQuery {
+                        since: Some(r.recorded_at),
+                        until: Some(r.recorded_at),
+                        limit: 10,
+                    },
+                )
+                .await
+                .unwrap();
+            assert_eq!(latest.len(), 1);
+            assert_eq!(latest[0].id, id);
+            assert_eq!(latest[0].temperature, r.temperature);
+        }
     }
 }

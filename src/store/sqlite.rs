@@ -34,7 +34,9 @@ pub(super) async fn connect(url: &str) -> Result<SqlitePool, sqlx::Error> {
         .await
 }
 
-use super::readings::StoredKey;
+use std::collections::HashMap;
+
+use super::readings::{KeyRef, StoredKey, key_ref};
 use crate::ingest::NewReading;
 
 const INSERT: &str = "INSERT INTO readings (org_id, unit_id, device_id, temperature, humidity, \
@@ -51,12 +53,13 @@ const EXISTING: &str = "SELECT r.id, r.org_id, r.unit_id, r.recorded_at, r.devic
 /// The readings of one group commit (see `store::readings`), inside the caller's transaction.
 /// Rows travel as one JSON parameter, so the statement is prepared once whatever the group's
 /// size, and SQLite's bound-parameter limit never applies.
+/// For each row of `unique` (no key twice): its id and whether this statement stored it.
+/// SQLite returns `RETURNING` rows in no promised order, so they map back by key.
 pub(super) async fn insert(
     tx: &mut sqlx::SqliteConnection,
     unique: &[(&str, &NewReading)],
-    all: &[(&str, &NewReading)],
     received_at: i64,
-) -> Result<(Vec<StoredKey>, Vec<StoredKey>), sqlx::Error> {
+) -> Result<Vec<(i64, bool)>, sqlx::Error> {
     let rows: Vec<_> = unique
         .iter()
         .map(|(org, r)| {
@@ -79,8 +82,8 @@ pub(super) async fn insert(
         .bind(received_at)
         .fetch_all(&mut *tx)
         .await?;
-    let existing = if inserted.len() < all.len() {
-        let keys: Vec<_> = all
+    let existing: Vec<StoredKey> = if inserted.len() < unique.len() {
+        let keys: Vec<_> = unique
             .iter()
             .map(|(org, r)| (org, &r.unit_id, r.recorded_at, &r.device_id, &r.source))
             .collect();
@@ -92,5 +95,17 @@ pub(super) async fn insert(
     } else {
         Vec::new()
     };
-    Ok((inserted, existing))
+    let new: HashMap<KeyRef<'_>, i64> = inserted.iter().map(|k| (k.key(), k.id)).collect();
+    let old: HashMap<KeyRef<'_>, i64> = existing.iter().map(|k| (k.key(), k.id)).collect();
+    unique
+        .iter()
+        .map(|(org, r)| {
+            let k = key_ref(org, r);
+            match (new.get(&k), old.get(&k)) {
+                (Some(&id), _) => Ok((id, true)),
+                (None, Some(&id)) => Ok((id, false)),
+                (None, None) => Err(sqlx::Error::RowNotFound),
+            }
+        })
+        .collect()
 }
