@@ -124,8 +124,8 @@ struct Args {
     /// ingest: concurrent posters, each waiting for its answer before the next request.
     #[arg(long, default_value_t = 10)]
     posters: usize,
-    /// ingest: readings per request.
-    #[arg(long, default_value_t = 500)]
+    /// ingest: readings per request (the performance goal is stated for 1,000).
+    #[arg(long, default_value_t = 1000)]
     request_size: usize,
     /// Handshakes in flight at once while connecting.
     #[arg(long, default_value_t = 100)]
@@ -1077,7 +1077,7 @@ async fn ingest(a: &Args) -> Result<Value> {
     let (_, window) = cpu0.window(&cpu1);
     let per_s = posted.accepted as f64 / elapsed;
     let target = if a.engine == "postgres" {
-        50_000.0
+        100_000.0
     } else {
         30_000.0
     };
@@ -1103,7 +1103,7 @@ async fn ingest(a: &Args) -> Result<Value> {
         "targets": {
             "accepted_per_s_target": target,
             "throughput_met": per_s >= target,
-            "p99_le_100ms": lat.p99.is_some_and(|p| p <= 100.0),
+            "p99_le_250ms": lat.p99.is_some_and(|p| p <= 250.0),
         },
     }))
 }
