@@ -165,6 +165,15 @@ fn parse_body(body: &[u8]) -> Result<serde_json::Value, Box<Response>> {
     })
 }
 
+/// An admin route's organisation (from the Bearer token) and JSON body.
+fn admin_request(
+    app: &App,
+    headers: &HeaderMap,
+    body: &[u8],
+) -> Result<(String, serde_json::Value), Box<Response>> {
+    Ok((app.admin(headers)?, parse_body(body)?))
+}
+
 async fn sites(State(app): State<Arc<App>>, headers: HeaderMap, body: Bytes) -> Response {
     if let Err(r) = app.admin(&headers) {
         return *r;
@@ -180,12 +189,8 @@ async fn sites(State(app): State<Arc<App>>, headers: HeaderMap, body: Bytes) -> 
 }
 
 async fn units(State(app): State<Arc<App>>, headers: HeaderMap, body: Bytes) -> Response {
-    let org = match app.admin(&headers) {
-        Ok(o) => o,
-        Err(r) => return *r,
-    };
-    let b = match parse_body(&body) {
-        Ok(b) => b,
+    let (org, b) = match admin_request(&app, &headers, &body) {
+        Ok(r) => r,
         Err(r) => return *r,
     };
     let Some(id) = b["id"].as_str() else {
@@ -211,12 +216,8 @@ async fn units(State(app): State<Arc<App>>, headers: HeaderMap, body: Bytes) -> 
 }
 
 async fn keys(State(app): State<Arc<App>>, headers: HeaderMap, body: Bytes) -> Response {
-    let org = match app.admin(&headers) {
-        Ok(o) => o,
-        Err(r) => return *r,
-    };
-    let b = match parse_body(&body) {
-        Ok(b) => b,
+    let (org, b) = match admin_request(&app, &headers, &body) {
+        Ok(r) => r,
         Err(r) => return *r,
     };
     // Unguessable enough for a local benchmark: a counter and the std hasher's random keys.
