@@ -290,12 +290,23 @@ pub async fn auth_refresh<A: Adapter>(
         let msg = "the new token is for another user or organisation".to_string();
         return reply.send(&refused("forbidden"), Some(("forbidden", msg)));
     }
-    // A change of `site_ids` changes which org-room events the socket may see.
+    // A change of `site_ids` changes which org-room events the socket may see. The new rooms
+    // are joined before the old ones are left, so no event sent meanwhile is missed (a socket
+    // in two rooms of one broadcast gets it once).
     let old_rooms = rooms::membership(&current);
     let new_rooms = rooms::membership(&fresh);
     if old_rooms != new_rooms {
-        s.leave(old_rooms);
+        let gone: Vec<String> = old_rooms
+            .into_iter()
+            .filter(|r| !new_rooms.contains(r))
+            .collect();
         s.join(new_rooms);
+        if !gone.is_empty() {
+            s.leave(gone);
+        }
+    }
+    if fresh.site_ids.is_some() && fresh.site_ids != current.site_ids {
+        drop_unseen_subscriptions(&s, &session, &ctx, &fresh).await;
     }
     let exp = fresh.exp;
     ctx.expiry.watch(fresh.deadline(), s.id);
@@ -309,6 +320,30 @@ pub async fn auth_refresh<A: Adapter>(
         },
         None,
     );
+}
+
+/// Leaves the site and unit rooms a narrower token may not see. A unit whose site cannot be
+/// read (gone, or storage unavailable) is left too: a refresh never widens what a socket sees.
+async fn drop_unseen_subscriptions<A: Adapter>(
+    s: &SocketRef<A>,
+    session: &Session,
+    ctx: &Ctx,
+    fresh: &UserClaims,
+) {
+    for room in session.subscriptions() {
+        let visible = match rooms::subscribed(&room) {
+            Some(rooms::Subscribed::Site(site)) => fresh.can_see_site(site),
+            Some(rooms::Subscribed::Unit(unit)) => {
+                matches!(ctx.store.unit_site(&fresh.org_id, unit).await,
+                    Ok(Some(site)) if fresh.can_see_site(&site))
+            }
+            None => true,
+        };
+        if !visible {
+            session.remove_subscription(&room);
+            s.leave(room);
+        }
+    }
 }
 
 /// Any other event: counted against the rate limit (so floods of junk get disconnected) and

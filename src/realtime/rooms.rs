@@ -35,6 +35,23 @@ pub fn unit(org: &str, unit: &str) -> String {
     format!("unit|{org}|{unit}")
 }
 
+/// What a `subscribe:*` room ([`site`], [`unit`]) names.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Subscribed<'a> {
+    Site(&'a str),
+    Unit(&'a str),
+}
+
+/// The site or unit a room joined through `subscribe:*` is for; `None` for other rooms.
+pub fn subscribed(room: &str) -> Option<Subscribed<'_>> {
+    let mut parts = room.splitn(3, '|');
+    match (parts.next()?, parts.next()?, parts.next()?) {
+        ("site", _, id) => Some(Subscribed::Site(id)),
+        ("unit", _, id) => Some(Subscribed::Unit(id)),
+        _ => None,
+    }
+}
+
 /// `user:{sub}`: every tab of one user.
 pub fn user(org: &str, sub: &str) -> String {
     format!("user|{org}|{sub}")
@@ -59,6 +76,20 @@ pub fn membership(claims: &UserClaims) -> Vec<String> {
 mod tests {
     use super::*;
     use crate::auth::Role;
+
+    #[test]
+    fn subscription_rooms_name_their_site_or_unit() {
+        assert_eq!(
+            subscribed(&site("acme", "s-1")),
+            Some(Subscribed::Site("s-1"))
+        );
+        assert_eq!(
+            subscribed(&unit("acme", "u|x")),
+            Some(Subscribed::Unit("u|x"))
+        );
+        assert_eq!(subscribed(&org_site("acme", "s-1")), None);
+        assert_eq!(subscribed(&user("acme", "a")), None);
+    }
 
     #[test]
     fn restricted_users_get_site_rooms_instead_of_the_whole_org() {

@@ -79,6 +79,11 @@ impl Session {
         true
     }
 
+    /// The site and unit rooms joined through `subscribe:*`.
+    pub fn subscriptions(&self) -> Vec<String> {
+        self.subscriptions.lock().unwrap().iter().cloned().collect()
+    }
+
     pub fn remove_subscription(&self, room: &str) {
         self.subscriptions.lock().unwrap().remove(room);
     }

@@ -15,6 +15,7 @@ import {
   tokenExp,
   useGateway,
 } from './harness.js';
+import { collect, ingestOk, reading } from './pipeline-helpers.js';
 
 forEachEngine('socket.io token lifetime', (engine) => {
   const gw = useGateway(engine);
@@ -65,6 +66,26 @@ forEachEngine('socket.io token lifetime', (engine) => {
       const socket = await gw.connect({ token: userToken() });
       const forged = mintToken({ sub: 'user-1', org: 'acme', secret: 'some-other-secret-0123456789abcdef0123' });
       assertRefused(await refresh(socket, forged));
+    });
+
+    it('with narrower site_ids: leaves the site and unit rooms the new token may not see, keeps the rest', async () => {
+      const admin = gw.token({ sub: 'admin-acme', org: 'acme', role: 'admin' });
+      const socket = await gw.connect({ token: userToken({ siteIds: ['s-1', 's-2'] }) });
+      for (const [event, id] of [['subscribe:site', 's-2'], ['subscribe:unit', 'u-2'], ['subscribe:unit', 'u-1']]) {
+        assert.deepEqual(await roomAck(socket, event, id), { ok: true }, `${event} ${id}`);
+      }
+      const live = collect(socket, 'sensor:reading', 'SensorReading');
+      const batches = collect(socket, 'sensor:readings:batch', 'ReadingsBatch');
+      const ack = await refresh(socket, userToken({ siteIds: ['s-1'] }));
+      assert.equal(ack.ok, true, JSON.stringify(ack));
+      await ingestOk(gw, admin, [reading('u-1', 5), reading('u-2', 5)]);
+      await batches.waitFor((all) => all.some((b) => b.unitId === 'u-1'), 5000, 'the u-1 batch');
+      await sleep(500);
+      assert.equal(live.forUnit('u-1').length, 1, 'u-1 (site s-1) is still live');
+      assert.deepEqual(live.forUnit('u-2'), [], 'nothing live from u-2 (site s-2) after the refresh');
+      assert.deepEqual(batches.forUnit('u-2'), [], 'no batch of u-2 after the refresh');
+      // Subscribing again is refused like any out-of-scope room.
+      assert.deepEqual(await roomAck(socket, 'subscribe:site', 's-2'), { ok: false, error: 'forbidden' });
     });
 
     it('refuses a token that is already expired beyond the leeway', async () => {
