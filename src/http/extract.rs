@@ -92,8 +92,8 @@ impl FromRequestParts<AppState> for Admin {
     }
 }
 
-/// `axum::Json` with our rejections: 400 for malformed JSON, 413 for an oversized body,
-/// 415 for a missing content type, 422 for JSON of the wrong shape.
+/// `axum::Json` with our rejections: 400 for malformed JSON or a missing
+/// `Content-Type: application/json`, 413 for an oversized body, 422 for JSON of the wrong shape.
 pub struct Json<T>(pub T);
 
 impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for Json<T> {
@@ -104,6 +104,28 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for Json<T> {
             Ok(axum::Json(v)) => Ok(Json(v)),
             Err(rejection) => Err(json_rejection(rejection)),
         }
+    }
+}
+
+/// `axum::extract::Query` with the contract's error: `?limit=abc` or `?status=x` is a 422
+/// `validation_failed` (like `?since=yesterday`, and like JSON of the wrong shape), not axum's
+/// plain-text 400.
+pub struct Query<T>(pub T);
+
+impl<T: DeserializeOwned, S: Send + Sync> FromRequestParts<S> for Query<T> {
+    type Rejection = AppError;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        state: &S,
+    ) -> Result<Self, AppError> {
+        axum::extract::Query::<T>::from_request_parts(parts, state)
+            .await
+            .map(|axum::extract::Query(v)| Query(v))
+            .map_err(|r| AppError::Validation {
+                message: r.body_text(),
+                details: vec![],
+            })
     }
 }
 

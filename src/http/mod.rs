@@ -17,12 +17,13 @@ use std::time::Duration;
 use axum::Router;
 use axum::extract::DefaultBodyLimit;
 use axum::http::{HeaderName, HeaderValue, Method, header};
+use axum::response::IntoResponse;
 use tower_http::cors::{AllowOrigin, Any, CorsLayer};
 
 pub use demo::DEMO_ORG;
 pub use error::AppError;
 pub use events::KeyedLimits;
-pub use extract::{Admin, Json, User};
+pub use extract::{Admin, Json, Query, User};
 pub use keys::create_key;
 
 use crate::auth::JwtVerifier;
@@ -65,7 +66,30 @@ pub fn router(state: AppState) -> Router {
             axum::routing::any(|| async { AppError::NotFound("no such endpoint".into()) }),
         )
         .layer(DefaultBodyLimit::max(body_limit))
+        .layer(axum::middleware::map_response(method_not_allowed_json))
         .with_state(state)
+}
+
+/// axum answers a known path asked with another method by a 405 with an `Allow` header and no
+/// body; every error of the API has the contract's `{ error, message }` body, this one too.
+async fn method_not_allowed_json(res: axum::response::Response) -> axum::response::Response {
+    if res.status() != axum::http::StatusCode::METHOD_NOT_ALLOWED {
+        return res;
+    }
+    let allow = res.headers().get(axum::http::header::ALLOW).cloned();
+    let mut json = AppError::MethodNotAllowed(match &allow {
+        Some(methods) => format!(
+            "method not allowed here; allowed: {}",
+            methods.to_str().unwrap_or_default()
+        ),
+        None => "method not allowed here".into(),
+    })
+    .into_response();
+    if let Some(methods) = allow {
+        json.headers_mut()
+            .insert(axum::http::header::ALLOW, methods);
+    }
+    json
 }
 
 /// CORS for browsers on other origins (the Vite dev server by default).

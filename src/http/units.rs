@@ -1,13 +1,13 @@
 //! `/api/units` (reads for any role, writes for admins), a unit's readings, and `/api/alerts`.
 
-use axum::extract::{Path, Query, State};
+use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::routing::get;
 use axum::{Json as JsonBody, Router};
 use serde::Deserialize;
 
 use super::sites::{resolve_id, valid_name};
-use super::{Admin, AppError, AppState, Json, User, parse_time_param};
+use super::{Admin, AppError, AppState, Json, Query, User, parse_time_param};
 use crate::auth::UserClaims;
 use crate::store::{NewUnit, ReadingsQuery, UnitRow};
 use crate::wire::{Alert, AlertStatus, CreateUnit, SensorReading, Unit, UpdateUnit};

@@ -132,6 +132,25 @@ forEachEngine('HTTP API', (engine) => {
     });
   });
 
+  describe('every error is { error, message } JSON', () => {
+    for (const path of ['/api/units/u-1/readings?limit=abc', '/api/alerts?status=x', '/api/units/u-1/readings?since=yesterday']) {
+      it(`GET ${path} → 422 validation_failed`, async () => {
+        const res = await gw.api('GET', path, { token: acmeViewer });
+        assertApiError(res, 422, `GET ${path}:`);
+        assert.equal(res.body.error, 'validation_failed');
+        assert.ok(res.body.message.length > 0, 'says why');
+      });
+    }
+
+    it('a known path with another method → 405 method_not_allowed, with Allow', async () => {
+      const res = await gw.api('PUT', '/api/sites', { token: acmeViewer, body: {} });
+      assertApiError(res, 405, 'PUT /api/sites:');
+      assert.equal(res.body.error, 'method_not_allowed');
+      assert.match(res.headers.get('allow') || '', /GET/, 'Allow lists GET');
+      assert.match(res.headers.get('allow') || '', /POST/, 'Allow lists POST');
+    });
+  });
+
   describe('authentication', () => {
     for (const path of ['/api/sites', '/api/units', '/api/units/u-1', '/api/alerts']) {
       it(`GET ${path} without a token is 401 with an ApiError body`, async () => {
