@@ -55,7 +55,8 @@ export type FieldError = { index?: number, field: string, message: string, };
 export type ApiError = { 
 /**
  * A stable machine-readable code: `bad_request`, `unauthorized`, `forbidden`, `not_found`,
- * `conflict`, `payload_too_large`, `validation_failed`, `rate_limited`, `unavailable`, `internal`.
+ * `method_not_allowed`, `conflict`, `payload_too_large`, `validation_failed`, `rate_limited`,
+ * `unavailable`, `internal`.
  */
 error: string, 
 /**

@@ -173,7 +173,8 @@ pub struct Alert {
 #[derive(Debug, Clone, Serialize, Deserialize, TS, ToSchema)]
 pub struct ApiError {
     /// A stable machine-readable code: `bad_request`, `unauthorized`, `forbidden`, `not_found`,
-    /// `conflict`, `payload_too_large`, `validation_failed`, `rate_limited`, `unavailable`, `internal`.
+    /// `method_not_allowed`, `conflict`, `payload_too_large`, `validation_failed`, `rate_limited`,
+    /// `unavailable`, `internal`.
     pub error: String,
     /// What went wrong, for a person.
     pub message: String,

@@ -309,8 +309,9 @@ pub async fn auth_refresh<A: Adapter>(
         drop_unseen_subscriptions(&s, &session, &ctx, &fresh).await;
     }
     let exp = fresh.exp;
-    ctx.expiry.watch(fresh.deadline(), s.id);
+    let deadline = fresh.deadline();
     session.set_claims(fresh);
+    ctx.expiry.watch(deadline, s.id);
     tracing::debug!(sid = %s.id, exp, "token refreshed");
     reply.send(
         &RefreshAck {

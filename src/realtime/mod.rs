@@ -212,8 +212,10 @@ pub async fn on_connect<A: Adapter>(
 async fn on_disconnect<A: Adapter>(
     s: SocketRef<A>,
     Extension(session): Extension<Arc<Session>>,
+    State(ctx): State<Ctx>,
     reason: DisconnectReason,
 ) {
+    ctx.expiry.forget(s.id);
     crate::observe::socket_disconnected(transport_label(session.transport()));
     tracing::info!(sid = %s.id, ?reason, "socket disconnected");
 }

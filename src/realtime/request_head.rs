@@ -64,7 +64,13 @@ mod tests {
             .header("x-forwarded-for", "10.0.0.2")
             .body(Body::empty())
             .unwrap();
+        let before = req.headers()["authorization"].as_bytes().as_ptr();
         let req = detach(req);
+        assert_ne!(
+            req.headers()["authorization"].as_bytes().as_ptr(),
+            before,
+            "a copy, not a view of the same bytes"
+        );
         assert_eq!(
             req.uri().to_string(),
             "/socket.io/?EIO=4&transport=websocket&token=abc"

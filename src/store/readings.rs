@@ -370,7 +370,14 @@ mod tests {
         let unit = store.get_unit("o", "u2").await.unwrap().unwrap();
         assert_eq!(unit.last_temperature, Some(4.0));
         // Every id answered is the id of that very reading.
-        for (r, (id, _)) in [(&d, third[0]), (&e, third[2]), (&c, second[0])] {
+        // a and b were all new in their commit: PostgreSQL mapped them back by position.
+        for (r, (id, _)) in [
+            (&a, first[0]),
+            (&b, first[1]),
+            (&d, third[0]),
+            (&e, third[2]),
+            (&c, second[0]),
+        ] {
             let latest = store
                 .readings(
                     "o",
