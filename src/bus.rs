@@ -50,8 +50,9 @@ use crate::wire::{Alert, SensorReading};
 const CHANNEL: &str = "sensorwire:ws";
 /// Announcements of new interest (a node's first subscriber of a unit, device or alerts).
 const INTEREST_CHANNEL: &str = "sensorwire:ws:interest";
-/// The set of node ids that may have an interest key.
-const NODES_KEY: &str = "sensorwire:ws:nodes";
+/// The set of node ids that may have an interest key. The bus's keys share the hash tag
+/// `{ws}`, so a Redis Cluster keeps them in one slot and one `MGET` reads every node's.
+const NODES_KEY: &str = "sensorwire:{ws}:nodes";
 /// How often a node keeps its advertisement alive and reads the other nodes'.
 const ADVERTISE_EVERY: Duration = Duration::from_secs(1);
 /// Lifetime of a node's advertisement: a node that dies stops attracting publishes after this.
@@ -62,7 +63,7 @@ const ANNOUNCED_KEEP: Duration = Duration::from_secs(3);
 const QUEUE: usize = 1024;
 
 fn interest_key(node: &str) -> String {
-    format!("sensorwire:ws:interest:{node}")
+    format!("sensorwire:{{ws}}:interest:{node}")
 }
 
 /// What a connection receives.

@@ -65,8 +65,42 @@ impl RedisHealth {
     }
 }
 
+/// `REDIS_URL` as fred reads it. A cluster may be given as fred spells it
+/// (`redis-cluster://h1:p1?node=h2:p2&node=h3:p3`) or as a comma list of its nodes
+/// (`redis-cluster://h1:p1,h2:p2,h3:p3`); any one reachable node is enough to find the others.
+pub fn fred_url(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_string();
+    };
+    if !scheme.ends_with("-cluster") {
+        return url.to_string();
+    }
+    let (creds, hosts) = match rest.rsplit_once('@') {
+        Some((creds, hosts)) => (format!("{creds}@"), hosts),
+        None => (String::new(), rest),
+    };
+    let (hosts, query) = match hosts.split_once('?') {
+        Some((hosts, query)) => (hosts, Some(query)),
+        None => (hosts, None),
+    };
+    let mut nodes = hosts
+        .trim_end_matches('/')
+        .split(',')
+        .filter(|h| !h.is_empty());
+    let Some(first) = nodes.next() else {
+        return url.to_string();
+    };
+    let mut params: Vec<String> = nodes.map(|n| format!("node={n}")).collect();
+    params.extend(query.map(str::to_string));
+    if params.is_empty() {
+        format!("{scheme}://{creds}{first}")
+    } else {
+        format!("{scheme}://{creds}{first}?{}", params.join("&"))
+    }
+}
+
 fn builder(url: &str) -> Result<Builder, fred::error::Error> {
-    let mut config = FredConfig::from_url(url)?;
+    let mut config = FredConfig::from_url(&fred_url(url))?;
     config.version = RespVersion::RESP3;
     let mut builder = Builder::from_config(config);
     builder
@@ -98,8 +132,8 @@ pub struct Cluster {
     pub client: fred::clients::Client,
     /// Subscriptions of the plain WebSocket relay.
     pub subscriber: fred::clients::SubscriberClient,
-    /// The emitter's blocking reads of the cluster event stream (a connection of its own).
-    pub tail: fred::clients::Client,
+    /// The emitter's feed: the channels of the organisations and sites this node follows.
+    pub feed: fred::clients::SubscriberClient,
 }
 
 /// The Socket.io adapter over Redis.
@@ -120,11 +154,9 @@ pub async fn connect(url: &str) -> anyhow::Result<(Adapter, Cluster)> {
     let subscriber = builder(url)?.build_subscriber_client()?;
     subscriber.init().await?;
     resubscribe_on_reconnect(subscriber.clone(), health.clone());
-    let mut tail = builder(url)?;
-    // Its reads block for up to a second by design.
-    tail.with_performance_config(|p| p.default_command_timeout = Duration::from_secs(5));
-    let tail = tail.build()?;
-    tail.init().await?;
+    let feed = builder(url)?.build_subscriber_client()?;
+    feed.init().await?;
+    resubscribe_on_reconnect(feed.clone(), health.clone());
     health.up.store(true, Ordering::Relaxed);
     watch_relay_panics(health.clone());
     tokio::spawn(watch(client.clone(), health.clone()));
@@ -132,7 +164,7 @@ pub async fn connect(url: &str) -> anyhow::Result<(Adapter, Cluster)> {
         health,
         client,
         subscriber,
-        tail,
+        feed,
     };
     Ok((adapter, cluster))
 }
@@ -170,6 +202,7 @@ fn resubscribe_on_reconnect(client: fred::clients::SubscriberClient, health: Red
                     if !patterns.is_empty() {
                         client.psubscribe(patterns).await?;
                     }
+                    // One by one: on a Redis Cluster each may live on another master.
                     for shard in shards {
                         client.ssubscribe(shard).await?;
                     }
@@ -228,4 +261,32 @@ fn watch_relay_panics(health: RedisHealth) {
         }
         previous(info);
     }));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::fred_url;
+
+    #[test]
+    fn a_cluster_given_as_a_comma_list_is_spelled_for_fred() {
+        assert_eq!(
+            fred_url("redis-cluster://127.0.0.1:7000,127.0.0.1:7001,127.0.0.1:7002"),
+            "redis-cluster://127.0.0.1:7000?node=127.0.0.1:7001&node=127.0.0.1:7002"
+        );
+        assert_eq!(
+            fred_url("rediss-cluster://u:p@a:1,b:2"),
+            "rediss-cluster://u:p@a:1?node=b:2"
+        );
+        assert_eq!(
+            fred_url("redis-cluster://a:1?node=b:2"),
+            "redis-cluster://a:1?node=b:2"
+        );
+        assert_eq!(fred_url("redis://127.0.0.1:6379"), "redis://127.0.0.1:6379");
+        for url in [
+            fred_url("redis-cluster://127.0.0.1:7000,127.0.0.1:7001"),
+            fred_url("redis://127.0.0.1:6379/0"),
+        ] {
+            super::FredConfig::from_url(&url).expect("fred reads it");
+        }
+    }
 }

@@ -200,10 +200,16 @@ impl Config {
             .map_err(|_| invalid("HOST", format!("{:?} is not an IP address", args.host)))?;
         check_database_url(&args.db.database_url)?;
         if let Some(url) = &args.redis_url {
-            if !(url.starts_with("redis://") || url.starts_with("rediss://")) {
+            let schemes = [
+                "redis://",
+                "rediss://",
+                "redis-cluster://",
+                "rediss-cluster://",
+            ];
+            if !schemes.iter().any(|s| url.starts_with(s)) {
                 return Err(invalid(
                     "REDIS_URL",
-                    "must start with redis:// or rediss://",
+                    "must start with redis://, rediss://, redis-cluster:// or rediss-cluster://",
                 ));
             }
             if args.db.database_url.starts_with("sqlite:") {

@@ -97,7 +97,9 @@ pub async fn run(
 
     let (commands, commands_rx) = mpsc::channel(1024);
     let expiry = Arc::new(realtime::expiry::Expiry::default());
+    let (follows, follow_ops) = realtime::feed::Follows::new(config.redis_url.is_some());
     let ctx = realtime::Ctx {
+        follows,
         expiry: expiry.clone(),
         store: store.clone(),
         jwt: jwt.clone(),
@@ -113,6 +115,7 @@ pub async fn run(
         metrics,
         commands: (commands, commands_rx),
         expiry,
+        follow_ops,
     };
     match parts.config.redis_url.clone() {
         None => {
@@ -153,6 +156,8 @@ struct Parts {
         mpsc::Receiver<realtime::emitter::Command>,
     ),
     expiry: Arc<realtime::expiry::Expiry>,
+    /// What the sockets ask the cluster feed to follow (with several nodes).
+    follow_ops: Option<mpsc::UnboundedReceiver<realtime::feed::Op>>,
 }
 
 /// Everything after the adapter is chosen: one code path for one node and for a cluster.
@@ -164,6 +169,7 @@ async fn serve<A: Adapter>(
         metrics: parts_metrics,
         commands,
         expiry,
+        follow_ops,
     }: Parts,
     io: SocketIo<A>,
     socket_layer: SocketIoLayer<A>,
@@ -200,8 +206,8 @@ async fn serve<A: Adapter>(
         max_bytes: l.recovery_max_bytes,
         max_events: (l.recovery_max_events > 0).then_some(l.recovery_max_events),
     };
-    let (redis, redis_clients, cluster_log) = match cluster {
-        Some(c) => {
+    let (redis, redis_clients, cluster_log) = match cluster.zip(follow_ops) {
+        Some((c, follows)) => {
             let log = realtime::emitter::ClusterLog {
                 health: c.health.clone(),
                 log: realtime::stream::RedisLog::new(
@@ -209,7 +215,8 @@ async fn serve<A: Adapter>(
                     retention.window.as_millis() as u64,
                     retention.max_events,
                 ),
-                tail: c.tail,
+                subscriber: c.feed,
+                follows,
             };
             (Some(c.health), Some((c.client, c.subscriber)), Some(log))
         }

@@ -124,6 +124,32 @@ fn describe() {
         "sensorwire_plain_ws_connected",
         "Connected plain WebSocket clients"
     );
+    describe_counter!(
+        "sensorwire_cluster_org_events_received_total",
+        "Organisation events this node took from Redis (only organisations it has sockets of)"
+    );
+    describe_counter!(
+        "sensorwire_cluster_live_received_total",
+        "Live readings this node took from Redis (only sites it has subscribers of)"
+    );
+    describe_gauge!(
+        "sensorwire_cluster_orgs_followed",
+        "Organisations whose events this node follows in Redis"
+    );
+}
+
+/// Organisation events taken from Redis (announcements, and entries read to fill a gap).
+pub fn cluster_org_event_received(events: usize) {
+    counter!("sensorwire_cluster_org_events_received_total").increment(events as u64);
+}
+
+/// Live readings another node published, taken from Redis.
+pub fn cluster_live_received(readings: usize) {
+    counter!("sensorwire_cluster_live_received_total").increment(readings as u64);
+}
+
+pub fn orgs_followed(orgs: usize) {
+    gauge!("sensorwire_cluster_orgs_followed").set(orgs as f64);
 }
 
 pub fn socket_connected(transport: &'static str) {

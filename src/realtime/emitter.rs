@@ -4,29 +4,33 @@
 //!
 //! - One node: a single task takes each event from the outbox, gives organisation events the
 //!   next offset, records them in the in-memory [`History`], and broadcasts.
-//! - Several nodes: an appender task logs organisation events to the Redis streams
-//!   (`stream.rs`); every node's delivery task tails the cluster stream and broadcasts each event
-//!   to its own sockets, in the stream's order. The live `sensor:reading` stream, which is not
-//!   logged, still goes through the Socket.io Redis adapter.
+//! - Several nodes: an appender task logs organisation events to their organisation's Redis
+//!   stream (`stream.rs`); each node's delivery task takes the events of the organisations it
+//!   has sockets of from its feed (`feed.rs`) and broadcasts them to its own sockets, in each
+//!   stream's order. The live `sensor:reading` stream, which is not logged, goes to the local
+//!   subscribers at once and, per site, to the nodes following the site.
 //!
 //! Replays are commands to the delivering task, handled between two events: the socket gets
 //! what it missed up to the event last delivered, then joins its rooms, then `sync:complete`.
 //! A socket that reconnects with an offset joins its organisation rooms only then, so no live
 //! event can reach it before its replay, and none after the replay can be one it already got.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
+use serde_json::value::RawValue;
 use socketioxide::adapter::Adapter;
 use socketioxide::socket::Sid;
 use socketioxide::{BroadcastError, SendError, SocketError, SocketIo};
 use tokio::sync::{mpsc, oneshot};
 
+use super::feed::{Fed, Feed, LiveMessage};
 use super::history::{Entry, History, Replay, Since};
 use super::offset::{Clock, Offset, now_ms, stamp};
 use super::outbox::Outgoing;
 use super::session::Turn;
-use super::stream::{Logged, RedisLog, Tailed};
+use super::stream::{Appended, Logged, RedisLog};
 use crate::cluster::RedisHealth;
 use crate::store::Leased;
 use crate::wire::{MissedEvent, SyncAck, SyncComplete};
@@ -55,6 +59,14 @@ pub enum Command {
     },
 }
 
+impl Command {
+    fn org(&self) -> &str {
+        match self {
+            Command::Recover { org, .. } | Command::Sync { org, .. } => org,
+        }
+    }
+}
+
 /// Why a socket is replayed to.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Cause {
@@ -80,8 +92,10 @@ pub struct Retention {
 pub struct ClusterLog {
     pub health: RedisHealth,
     pub log: RedisLog,
-    /// A connection of its own for the tail's blocking reads.
-    pub tail: socketioxide_redis::drivers::fred::fred_client::clients::Client,
+    /// The feed's subscriber connection (organisation events, live readings).
+    pub subscriber: socketioxide_redis::drivers::fred::fred_client::clients::SubscriberClient,
+    /// What this node's sockets follow (`feed.rs`).
+    pub follows: mpsc::UnboundedReceiver<super::feed::Op>,
 }
 
 /// Runs until `stop` fires (after the pipeline stages have ended): then it refuses new events,
@@ -203,15 +217,31 @@ async fn run_cluster<A: Adapter>(
     sent: Sent,
     stop: oneshot::Receiver<()>,
 ) {
-    let ClusterLog { health, log, tail } = cluster;
-    // Names this node's entries in the stream (see the outage backlog in `append`).
+    let ClusterLog {
+        health,
+        log,
+        subscriber,
+        follows,
+    } = cluster;
+    // Names this node's entries in the streams (see the outage backlog in `append`) and its
+    // live readings (see `feed.rs`).
     let node: Arc<str> = {
         let mut id = [0u8; 8];
         rand::RngCore::fill_bytes(&mut rand::rng(), &mut id);
         hex::encode(id).into()
     };
-    let (tailed_tx, mut tailed) = mpsc::channel(4096);
-    let tail = tokio::spawn(super::stream::tail(tail, tailed_tx, node.clone()));
+    let (fed_tx, mut fed) = mpsc::channel(4096);
+    let feed = tokio::spawn(
+        Feed {
+            io: io.clone(),
+            log: log.clone(),
+            subscriber,
+            health: health.clone(),
+            node: node.clone(),
+            out: fed_tx,
+        }
+        .run(follows),
+    );
     let mut appender = tokio::spawn(append(
         io.clone(),
         outgoing,
@@ -221,41 +251,39 @@ async fn run_cluster<A: Adapter>(
         node,
         stop,
     ));
-    // Where this node's delivery stands in the cluster stream; replays go up to here.
-    let mut delivered: Option<Offset> = None;
-    // Once the appender has ended (shutdown): deliver up to its last event, then stop.
-    let mut last_appended: Option<Option<Offset>> = None;
+    // Where this node's delivery stands in the stream of each organisation it follows;
+    // replays go up to here.
+    let mut delivered: HashMap<String, Offset> = HashMap::new();
+    // Replays asked for before their organisation's start was through.
+    let mut deferred: HashMap<String, Vec<Command>> = HashMap::new();
+    // Once the appender has ended (shutdown): deliver up to its last events, then stop.
+    let mut last_appended: Option<HashMap<String, Offset>> = None;
     let mut deadline = std::pin::pin!(tokio::time::sleep(Duration::MAX));
     loop {
-        if let Some(last) = last_appended
-            && (last.is_none() || delivered >= last)
+        if let Some(last) = &last_appended
+            && last
+                .iter()
+                .all(|(org, at)| delivered.get(org).is_none_or(|d| d >= at))
         {
             break;
         }
         tokio::select! {
             biased;
-            t = tailed.recv() => match t {
-                Some(Tailed::Start(at)) => delivered = Some(at),
-                Some(Tailed::Entry { from_here: true, entry, .. }) => {
-                    // This node's outage backlog: its sockets got these while Redis was away.
-                    delivered = Some(entry.offset);
-                }
-                Some(Tailed::Lost) => {
-                    // Redis came back without the stream (restarted, its data gone): whatever
-                    // was in it and not yet read is lost to this node's sockets.
-                    tracing::warn!("the cluster event stream lost its entries; every dashboard here refetches");
-                    let sockets = io.local().sockets();
-                    for socket in sockets {
-                        crate::observe::resync("redis_outage");
-                        socket
-                            .emit("sync:complete", &SyncComplete { recovered: false, offset: None })
-                            .ok();
+            f = fed.recv() => match f {
+                Some(Fed::Started { org, at }) => {
+                    delivered.insert(org.clone(), at);
+                    for command in deferred.remove(&org).unwrap_or_default() {
+                        replay_from_log(&io, command, &requeue, &log, at).await;
                     }
                 }
-                Some(Tailed::Entry { org, entry, .. }) => {
+                Some(Fed::Entry { org, entry, from_here: true }) => {
+                    // This node's outage backlog: its sockets got these while Redis was away.
+                    delivered.insert(org, entry.offset);
+                }
+                Some(Fed::Entry { org, entry, .. }) => {
                     crate::observe::emitted(crate::observe::event_label(&entry.event));
-                    delivered = Some(entry.offset);
-                    // Every node delivers the stream itself: local sockets only.
+                    delivered.insert(org.clone(), entry.offset);
+                    // Every following node delivers the stream itself: local sockets only.
                     let upto = entry.offset;
                     deliver(&io, &org, &entry, &requeue, Some(true), |org, since, membership| {
                         let log = log.clone();
@@ -264,42 +292,75 @@ async fn run_cluster<A: Adapter>(
                     })
                     .await;
                 }
+                Some(Fed::Lost { org, at }) => {
+                    delivered.insert(org.clone(), at);
+                    let sockets = io.to(super::rooms::org(&org)).local().sockets();
+                    for socket in sockets {
+                        crate::observe::resync("redis_outage");
+                        socket
+                            .emit("sync:complete", &SyncComplete { recovered: false, offset: None })
+                            .ok();
+                    }
+                }
+                Some(Fed::Stopped { org }) => {
+                    delivered.remove(&org);
+                    // Their sockets left before the start was through.
+                    for command in deferred.remove(&org).unwrap_or_default() {
+                        handle(&io, command, &requeue, |_, _, _| async { Ok(Replay::Lost) }).await;
+                    }
+                }
                 None => break,
             },
-            Some(command) = commands.recv(), if delivered.is_some() => {
-                let upto = delivered.unwrap_or(Offset { ms: 0, seq: 0 });
-                handle(&io, command, &requeue, |org, since, membership| {
-                    let log = log.clone();
-                    let (org, membership) = (org.to_string(), membership.to_vec());
-                    async move { log.replay(&org, since, upto, &membership).await }
-                })
-                .await;
+            Some(command) = commands.recv() => {
+                let org = command.org().to_string();
+                match delivered.get(&org) {
+                    Some(&upto) => replay_from_log(&io, command, &requeue, &log, upto).await,
+                    None => deferred.entry(org).or_default().push(command),
+                }
             }
             done = &mut appender, if last_appended.is_none() => {
-                last_appended = Some(done.unwrap_or(None));
+                last_appended = Some(done.unwrap_or_default());
                 deadline.as_mut().reset(tokio::time::Instant::now() + Duration::from_secs(3));
             }
             _ = &mut deadline => {
-                tracing::warn!("shutdown: the cluster stream did not deliver the last events back in time");
+                tracing::warn!("shutdown: the cluster streams did not deliver the last events back in time");
                 break;
             }
         }
     }
-    tail.abort();
+    feed.abort();
 }
 
-/// How many queued events one append to the cluster stream takes at most.
+/// Carries out a replay command from an organisation's stream, up to `upto`.
+async fn replay_from_log<A: Adapter>(
+    io: &SocketIo<A>,
+    command: Command,
+    requeue: &mpsc::Sender<Command>,
+    log: &RedisLog,
+    upto: Offset,
+) {
+    handle(io, command, requeue, |org, since, membership| {
+        let log = log.clone();
+        let (org, membership) = (org.to_string(), membership.to_vec());
+        async move { log.replay(&org, since, upto, &membership).await }
+    })
+    .await;
+}
+
+/// How many queued events one append takes at most.
 const APPEND_MAX: usize = 256;
 
-/// Logs organisation events to the cluster stream (the tail delivers them), as many as are
-/// queued in one round trip; sends the rest through the Socket.io adapter. Returns the offset of
-/// the last event it logged.
+/// Logs organisation events to their streams (the following nodes deliver them), as many as
+/// are queued in one round trip per organisation; delivers live readings to this node's
+/// subscribers and publishes them, one message per site, to the nodes following the site.
+/// Returns the offset of the last event it logged per organisation.
 ///
-/// While Redis is away, organisation events go to this node's sockets at once (so alerts keep
-/// reaching them) and into an outage backlog, appended in order as soon as Redis is back, marked
-/// as this node's: its own tail then skips them (its sockets have them), every other node
-/// delivers them. A backlog over its budget drops its oldest events, and the organisations that
-/// lost some get `sync:complete { recovered: false }` on every node once Redis is back.
+/// While an organisation's Redis is away, its events go to this node's sockets at once (so
+/// alerts keep reaching them) and into an outage backlog, appended in order as soon as Redis is
+/// back, marked as this node's: its own feed then skips them (its sockets have them), every
+/// other node delivers them. A backlog over its budget drops its oldest events, and the
+/// organisations that lost some get `sync:complete { recovered: false }` on every node once
+/// Redis is back.
 async fn append<A: Adapter>(
     io: SocketIo<A>,
     mut outgoing: mpsc::Receiver<Outgoing>,
@@ -308,9 +369,9 @@ async fn append<A: Adapter>(
     sent: Sent,
     node: Arc<str>,
     stop: oneshot::Receiver<()>,
-) -> Option<Offset> {
+) -> HashMap<String, Offset> {
     let mut stop = Some(stop);
-    let mut last = None;
+    let mut last = HashMap::new();
     let mut queued = Vec::with_capacity(APPEND_MAX);
     let mut backlog = Backlog::new(OUTAGE_BACKLOG_BYTES);
     let mut retry = tokio::time::interval(Duration::from_millis(250));
@@ -322,9 +383,7 @@ async fn append<A: Adapter>(
                 None => break,
             },
             _ = retry.tick(), if !backlog.is_empty() => {
-                if let Some(offset) = backlog.flush(&log, &health, &sent, &node).await {
-                    last = Some(offset);
-                }
+                backlog.flush(&log, &health, &sent, &node, &mut last).await;
                 continue;
             }
         };
@@ -338,50 +397,77 @@ async fn append<A: Adapter>(
                 Err(_) => break,
             }
         }
-        let mut rest = queued.drain(..).peekable();
-        while let Some(out) = rest.next() {
-            if out.org.is_none() {
-                crate::observe::emitted(crate::observe::event_label(&out.event));
-                broadcast(
-                    &io,
-                    &out.rooms,
-                    &out.event,
-                    &out.payload,
-                    Some(!health.is_up()),
-                )
-                .await;
-                continue;
-            }
-            // A run of organisation events, appended together.
-            let mut run = vec![out];
-            while let Some(next) = rest.next_if(|o| o.org.is_some()) {
-                run.push(next);
-            }
-            // Nothing overtakes the backlog: the stream keeps each node's order.
-            if backlog.is_empty() {
-                match log_run(&log, &health, &sent, &run, None).await {
-                    Ok(offset) => {
-                        last = offset.or(last);
-                        continue;
-                    }
-                    Err(e) => {
-                        health.mark_down();
-                        tracing::debug!(error = %e, "logging to the cluster stream failed; delivered locally and kept for later");
-                    }
-                }
-            }
-            for out in &run {
-                crate::observe::emitted(crate::observe::event_label(&out.event));
-                local_only(&io, out).await;
-            }
-            backlog.push(run, &sent);
+        let (org_events, live): (Vec<Outgoing>, Vec<Outgoing>) =
+            queued.drain(..).partition(|o| o.org.is_some());
+        if !live.is_empty() {
+            publish_live(&io, &log, &health, &node, live).await;
         }
+        if org_events.is_empty() {
+            continue;
+        }
+        // Nothing overtakes the backlog: each organisation's stream keeps this node's order.
+        let failed = if backlog.is_empty() {
+            log_run(&log, &health, &sent, org_events, None, &mut last).await
+        } else {
+            org_events
+        };
+        for out in &failed {
+            crate::observe::emitted(crate::observe::event_label(&out.event));
+            local_only(&io, out).await;
+        }
+        backlog.push(failed, &sent);
     }
     // Shutdown: one last try to hand the backlog to the other nodes.
-    if let Some(offset) = backlog.flush(&log, &health, &sent, &node).await {
-        last = Some(offset);
-    }
+    backlog.flush(&log, &health, &sent, &node, &mut last).await;
     last
+}
+
+/// One site's live readings of a run: organisation, site, `(unit, reading)` pairs.
+type SiteReadings<'a> = (
+    &'a str,
+    &'a str,
+    Vec<(std::borrow::Cow<'a, str>, &'a RawValue)>,
+);
+
+/// Live readings: to this node's subscribers at once, and one message per site to the nodes
+/// that follow it. They are not logged (a reading missed live is in its unit's batch), so a
+/// failed publish is only logged.
+async fn publish_live<A: Adapter>(
+    io: &SocketIo<A>,
+    log: &RedisLog,
+    health: &RedisHealth,
+    node: &str,
+    live: Vec<Outgoing>,
+) {
+    let mut by_site: Vec<SiteReadings<'_>> = Vec::new();
+    for out in &live {
+        crate::observe::emitted(crate::observe::event_label(&out.event));
+        broadcast(io, &out.rooms, &out.event, &out.payload, Some(true)).await;
+        let Some(target) = &out.live else { continue };
+        let pair = (
+            std::borrow::Cow::Borrowed(target.unit.as_str()),
+            &*out.payload,
+        );
+        match by_site
+            .iter_mut()
+            .find(|(org, site, _)| *org == target.org && *site == target.site)
+        {
+            Some((_, _, readings)) => readings.push(pair),
+            None => by_site.push((&target.org, &target.site, vec![pair])),
+        }
+    }
+    if !health.is_up() {
+        return;
+    }
+    let publishes = by_site.into_iter().map(|(org, site, r)| {
+        let message = serde_json::to_string(&LiveMessage { n: node.into(), r }).unwrap_or_default();
+        log.publish_live(org, site, message)
+    });
+    for result in futures_util::future::join_all(publishes).await {
+        if let Err(e) = result {
+            tracing::debug!(error = %e, "publishing live readings to other nodes failed");
+        }
+    }
 }
 
 /// The most bytes of organisation events a node keeps while Redis is away.
@@ -432,33 +518,31 @@ impl Backlog {
     }
 
     /// Appends what it can (marked as this node's), oldest first; then the organisations that
-    /// lost events get their `sync:complete { recovered: false }`. The last offset appended.
+    /// lost events get their `sync:complete { recovered: false }`.
     async fn flush(
         &mut self,
         log: &RedisLog,
         health: &RedisHealth,
         sent: &Sent,
         node: &str,
-    ) -> Option<Offset> {
-        let mut last = None;
+        last: &mut HashMap<String, Offset>,
+    ) {
         while !self.events.is_empty() {
             if !health.is_up() {
-                return last;
+                return;
             }
             let n = self.events.len().min(APPEND_MAX);
             let run: Vec<Outgoing> = self.events.drain(..n).collect();
-            match log_run(log, health, sent, &run, Some(node)).await {
-                Ok(offset) => {
-                    self.bytes -= run.iter().map(|o| o.payload.get().len()).sum::<usize>();
-                    last = offset.or(last);
+            let bytes: usize = run.iter().map(|o| o.payload.get().len()).sum();
+            let failed = log_run(log, health, sent, run, Some(node), last).await;
+            self.bytes -= bytes;
+            if !failed.is_empty() {
+                tracing::debug!("appending the outage backlog failed; retrying");
+                for out in failed.into_iter().rev() {
+                    self.bytes += out.payload.get().len();
+                    self.events.push_front(out);
                 }
-                Err(e) => {
-                    tracing::debug!(error = %e, "appending the outage backlog failed; retrying");
-                    for out in run.into_iter().rev() {
-                        self.events.push_front(out);
-                    }
-                    return last;
-                }
+                return;
             }
         }
         if !self.lost.is_empty() && health.is_up() {
@@ -467,6 +551,7 @@ impl Backlog {
                 .iter()
                 .map(|org| Outgoing {
                     org: Some(org.clone()),
+                    live: None,
                     rooms: vec![super::rooms::org(org)],
                     event: "sync:complete".into(),
                     payload: serde_json::value::to_raw_value(&SyncComplete {
@@ -483,31 +568,25 @@ impl Backlog {
             );
             // Not marked as this node's: its own sockets had every event, but telling them to
             // refetch once costs little and keeps one rule.
-            if let Ok(offset) = log_run(log, health, sent, &resyncs, None).await {
-                self.lost.clear();
-                last = offset.or(last);
-            }
+            let failed = log_run(log, health, sent, resyncs, None, last).await;
+            self.lost = failed.into_iter().filter_map(|o| o.org).collect();
         }
-        last
     }
 }
 
-/// Appends a run of organisation events, reporting their stored rows once logged; the last
-/// offset logged. `origin`: the node whose sockets already have them (its tail skips them).
+/// Appends a run of organisation events, reporting the stored rows of those logged and their
+/// offsets in `last`; returns those not logged (their organisation's Redis is away), in order.
+/// `origin`: the node whose sockets already have them (its feed skips them).
 async fn log_run(
     log: &RedisLog,
     health: &RedisHealth,
     sent: &Sent,
-    run: &[Outgoing],
+    run: Vec<Outgoing>,
     origin: Option<&str>,
-) -> Result<Option<Offset>, socketioxide_redis::drivers::fred::fred_client::error::Error> {
+    last: &mut HashMap<String, Offset>,
+) -> Vec<Outgoing> {
     if !health.is_up() {
-        return Err(
-            socketioxide_redis::drivers::fred::fred_client::error::Error::new(
-                socketioxide_redis::drivers::fred::fred_client::error::ErrorKind::IO,
-                "redis is away",
-            ),
-        );
+        return run;
     }
     let events: Vec<Logged<'_>> = run
         .iter()
@@ -523,11 +602,32 @@ async fn log_run(
             origin,
         })
         .collect();
-    let offsets = log.append(&events).await?;
-    for done in run.iter().flat_map(|o| &o.done) {
-        sent.send(*done).ok();
+    let (appended, error) = log.append(&events).await;
+    drop(events);
+    if let Some(e) = error {
+        health.mark_down();
+        tracing::debug!(error = %e, "logging to an organisation's stream failed; delivered locally and kept for later");
     }
-    Ok(offsets.into_iter().flatten().next_back())
+    let mut failed = Vec::new();
+    for (out, appended) in run.into_iter().zip(appended) {
+        match appended {
+            Appended::Failed => failed.push(out),
+            Appended::Logged(offset) => {
+                if let Some(org) = &out.org {
+                    last.insert(org.clone(), offset);
+                }
+                for done in &out.done {
+                    sent.send(*done).ok();
+                }
+            }
+            Appended::Duplicate => {
+                for done in &out.done {
+                    sent.send(*done).ok();
+                }
+            }
+        }
+    }
+    failed
 }
 
 /// Delivers an organisation event to this node's sockets while Redis is away: it has no offset

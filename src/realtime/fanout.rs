@@ -64,8 +64,7 @@ pub async fn run(
                     panic!("fault switch panic-fanout");
                 }
                 for s in &c.readings {
-                    let live = vec![rooms::unit(&c.org_id, &s.reading.unit_id), rooms::site(&c.org_id, &s.site_id)];
-                    outbox.send(live, "sensor:reading", &s.reading).await;
+                    outbox.send_live(&c.org_id, &s.site_id, &s.reading.unit_id, &s.reading).await;
                     buffers
                         .entry((c.org_id.clone(), s.reading.unit_id.clone()))
                         .or_insert_with(|| UnitBuffer { site_id: s.site_id.clone(), readings: Vec::new() })

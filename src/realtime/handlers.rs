@@ -11,6 +11,7 @@ use socketioxide::adapter::Adapter;
 use socketioxide::extract::{SocketRef, State, TryData};
 
 use super::emitter::Command;
+use super::feed::SocketFollows;
 use super::limiter::Verdict;
 use super::reply::Reply;
 use super::session::{Session, Turn};
@@ -148,17 +149,24 @@ async fn subscribe<A: Adapter>(
         }
         let id = id_arg(data)?;
         let claims = session.claims();
-        let room = match target {
+        let (room, site) = match target {
             Target::Site => {
                 visible_site(&ctx, &claims, &id).await?;
-                rooms::site(&claims.org_id, &id)
+                (rooms::site(&claims.org_id, &id), id)
             }
             Target::Unit => {
-                visible_unit_site(&ctx, &claims, &id).await?;
-                rooms::unit(&claims.org_id, &id)
+                let site = visible_unit_site(&ctx, &claims, &id).await?;
+                (rooms::unit(&claims.org_id, &id), site)
             }
         };
-        join_capped(&s, &session, &ctx, room)
+        // With several nodes, this node follows the site's live readings before the client is
+        // told it is subscribed: from the acknowledgement on, readings posted anywhere reach it.
+        let following = ctx.follows.live(&claims.org_id, &site).await;
+        join_capped(&s, &session, &ctx, room.clone())?;
+        if let Some(follows) = s.extensions.get::<Arc<SocketFollows>>() {
+            follows.add_live(room, following);
+        }
+        Ok(())
     }
     .await;
     ack_result(reply, result);
@@ -199,6 +207,7 @@ async fn unsubscribe<A: Adapter>(
         let id = id_arg(data)?;
         let room = room(&session.claims().org_id, &id);
         session.remove_subscription(&room);
+        unfollow_live(&s, &room);
         s.leave(room);
         Ok(())
     })();
@@ -342,8 +351,16 @@ async fn drop_unseen_subscriptions<A: Adapter>(
         };
         if !visible {
             session.remove_subscription(&room);
+            unfollow_live(s, &room);
             s.leave(room);
         }
+    }
+}
+
+/// This socket no longer needs the live readings of `room`'s site (`feed.rs`).
+fn unfollow_live<A: Adapter>(s: &SocketRef<A>, room: &str) {
+    if let Some(follows) = s.extensions.get::<Arc<SocketFollows>>() {
+        follows.remove_live(room);
     }
 }
 

@@ -9,6 +9,7 @@
 pub mod emitter;
 pub mod expiry;
 mod fanout;
+pub mod feed;
 mod handlers;
 mod history;
 pub mod limiter;
@@ -48,6 +49,8 @@ pub struct Ctx {
     pub commands: tokio::sync::mpsc::Sender<emitter::Command>,
     /// Ends sockets whose token runs out.
     pub expiry: Arc<expiry::Expiry>,
+    /// What this node follows in Redis, with several nodes (`feed.rs`).
+    pub follows: feed::Follows,
 }
 
 /// The first read buffer of a WebSocket connection.
@@ -141,6 +144,11 @@ pub async fn authenticate<A: Adapter>(
         crate::observe::socket_refused("too_many_connections");
         return Err(ConnectRefused::TooManyConnections);
     }
+    // With several nodes, this node follows the organisation's events before the socket joins
+    // its rooms: every event after the handshake reaches it.
+    let following = ctx.follows.org(&claims.org_id).await;
+    s.extensions
+        .insert(Arc::new(feed::SocketFollows::new(following)));
     let session = Session::new(claims, &ctx.limits, s.transport_type());
     // Rooms and listeners are set up here, before the handshake completes: the connect handler
     // runs as a separate task after the client is told it is connected, and a dashboard that
@@ -216,6 +224,8 @@ async fn on_disconnect<A: Adapter>(
     reason: DisconnectReason,
 ) {
     ctx.expiry.forget(s.id);
+    // Unfollows what only this socket needed.
+    s.extensions.remove::<Arc<feed::SocketFollows>>();
     crate::observe::socket_disconnected(transport_label(session.transport()));
     tracing::info!(sid = %s.id, ?reason, "socket disconnected");
 }

@@ -16,6 +16,9 @@ pub struct Outgoing {
     /// The organisation whose event log it goes into (with an offset), or `None` for the live
     /// `sensor:reading` stream, which is not logged.
     pub org: Option<String>,
+    /// For the live `sensor:reading` stream: the reading's unit, which other nodes deliver to
+    /// the same rooms (`feed.rs`).
+    pub live: Option<LiveTarget>,
     pub rooms: Vec<String>,
     pub event: Cow<'static, str>,
     pub payload: Box<RawValue>,
@@ -23,6 +26,13 @@ pub struct Outgoing {
     /// `pending_batches` rows of a flush, on the flush's last batch): the emitter reports them
     /// once the event is out, so the rows can go (see `monitor`).
     pub done: Vec<Leased>,
+}
+
+/// Whose live reading it is.
+pub struct LiveTarget {
+    pub org: String,
+    pub site: String,
+    pub unit: String,
 }
 
 /// Where pipeline stages send events; cheap to clone. Bounded: a stalled emitter stalls the
@@ -36,9 +46,30 @@ impl Outbox {
         (Outbox(tx), rx)
     }
 
-    /// An event that is not logged (the live `sensor:reading` stream).
-    pub async fn send<T: Serialize>(&self, rooms: Vec<String>, event: &'static str, payload: &T) {
-        self.put(None, rooms, Cow::Borrowed(event), payload).await
+    /// A live `sensor:reading`, which is not logged: to the unit's and the site's subscribers.
+    pub async fn send_live<T: Serialize>(&self, org: &str, site: &str, unit: &str, payload: &T) {
+        let payload = match serde_json::value::to_raw_value(payload) {
+            Ok(raw) => raw,
+            Err(e) => {
+                tracing::error!(error = %e, "reading not serialisable; dropped");
+                return;
+            }
+        };
+        let out = Outgoing {
+            org: None,
+            live: Some(LiveTarget {
+                org: org.to_string(),
+                site: site.to_string(),
+                unit: unit.to_string(),
+            }),
+            rooms: vec![super::rooms::unit(org, unit), super::rooms::site(org, site)],
+            event: Cow::Borrowed("sensor:reading"),
+            payload,
+            done: Vec::new(),
+        };
+        if self.0.send(out).await.is_err() {
+            tracing::warn!("emitter stopped; event not delivered");
+        }
     }
 
     /// An organisation event: logged with an offset, replayed to clients that missed it.
@@ -95,6 +126,7 @@ impl Outbox {
     ) {
         let out = Outgoing {
             org: Some(org.to_string()),
+            live: None,
             rooms,
             event: Cow::Owned(event),
             payload,
@@ -135,6 +167,7 @@ impl Outbox {
             .0
             .send(Outgoing {
                 org,
+                live: None,
                 rooms,
                 event,
                 payload,

@@ -1,23 +1,27 @@
-//! The organisation event log of a cluster, in Redis streams.
+//! The organisation event log of a cluster: a Redis stream per organisation, and beside it a
+//! sharded pub/sub channel that carries each appended event to the nodes following it.
 //!
-//! Each event is appended by one Lua script (atomic, so both streams agree on order) to
-//! - `sensorwire:events`: every organisation's events, which every node tails and delivers to
-//!   its own sockets — this, not the Socket.io adapter, carries organisation events, so every
-//!   node sees them in one order and can put a replay and live delivery back to back;
-//! - `sensorwire:events:{org}`: the organisation's retention for replays, trimmed by length and
-//!   age, expiring when the organisation goes quiet.
+//! Every key and channel of an organisation carries its id as a hash tag
+//! (`sensorwire:{org}:…`), so a Redis Cluster keeps them in one slot (one script may touch them
+//! all) and spreads organisations over its masters. No key or channel is touched by every event.
+//! - `sensorwire:{org}:events`, a stream: the organisation's events in order, trimmed by age and
+//!   length, expiring when the organisation goes quiet. An entry's id is the event's offset on
+//!   every node.
+//! - `sensorwire:{org}:events`, a sharded channel of the same name: every appended event with the
+//!   id of the entry before it, so a follower (`feed.rs`) sees a gap in the chain and reads the
+//!   stream to fill it. The stream is the truth; the channel saves each follower a read.
+//! - `sensorwire:{org}:epoch`: set once; a different value later means Redis lost the stream.
+//! - `sensorwire:{org}:announced:<row>`: an outbox row already appended (see [`APPEND`]).
+//! - `sensorwire:{org}:live:<site>`, a sharded channel: the live `sensor:reading` stream of one
+//!   site, not logged, for nodes with subscribers of that site or its units.
 //!
-//! The entry id Redis gives the first `XADD` is the event's offset on every node; the second
-//! `XADD` reuses it. Payloads are stored without their offset, which is added when read.
-//! Both keys are touched by one script, so this needs one Redis (or one cluster slot), which is
-//! what the Socket.io Redis adapter assumes too.
+//! Payloads are stored without their offset, which is added when read.
 
 use std::borrow::Cow;
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::Duration;
 
-use fred::interfaces::StreamsInterface;
+use fred::interfaces::{KeysInterface, PubsubInterface, StreamsInterface};
 use fred::types::scripts::Script;
 use serde_json::value::RawValue;
 use socketioxide_redis::drivers::fred::fred_client as fred;
@@ -25,50 +29,71 @@ use socketioxide_redis::drivers::fred::fred_client as fred;
 use super::history::{Entry, Replay, Since, replay_from};
 use super::offset::{Offset, stamp};
 
-const GLOBAL: &str = "sensorwire:events";
-
-/// Entries kept in the global stream: only a node that falls this far behind its tail loses
-/// events (logged); replays read the per-organisation streams.
-const GLOBAL_MAX_LEN: u64 = 100_000;
-
 /// Entries an organisation's stream keeps at most when no cap is configured: retention is by
 /// time, this only guards Redis against a runaway organisation.
 const ORG_MAX_LEN: u64 = 1_000_000;
 
-/// How many entries one tail read returns at most.
-const TAIL_COUNT: u64 = 1_000;
+/// How many entries one read of a stream returns at most.
+pub const READ_COUNT: u64 = 1_000;
 
-/// How long one tail read waits for new entries (then it simply reads again).
-const TAIL_BLOCK_MS: u64 = 1_000;
+/// The stream of `org`, and the channel its appends are announced on.
+pub fn events_key(org: &str) -> String {
+    format!("sensorwire:{{{org}}}:events")
+}
 
-/// Appends `ARGV[1]` events: `KEYS[1]` is the cluster stream, `KEYS[i + 1]` the organisation
-/// stream of event `i`, whose organisation, name, rooms, payload, outbox id (or `""`) and origin
-/// node (or `""`) are `ARGV[6 + 6(i-1) ..]`. An event of the storage outbox is appended once: a second copy (another
-/// node announcing a row whose lease ran out while its first node was merely slow) gets `""`.
+fn epoch_key(org: &str) -> String {
+    format!("sensorwire:{{{org}}}:epoch")
+}
+
+/// The channel of the live `sensor:reading` stream of one site of `org`.
+pub fn live_channel(org: &str, site: &str) -> String {
+    format!("sensorwire:{{{org}}}:live:{site}")
+}
+
+/// Appends `ARGV[1]` events of one organisation: `KEYS[1]` is its stream (and channel),
+/// `KEYS[2]` its epoch. `ARGV[2..6]`: length cap, oldest id kept, time to live, a fresh epoch
+/// (kept only if none is set), the prefix of its `announced` keys. Then per event: name, rooms,
+/// payload, outbox row (or `""`), origin node (or `""`).
+///
+/// An outbox row is appended once: a second copy (another node announcing a row whose lease ran
+/// out while its first node was merely slow) gets `""` and is not announced. Each appended
+/// event is published as `id \n previous id \n origin \n rooms \n payload \n name` (JSON has no
+/// raw newline, and the name comes last, whole).
 const APPEND: &str = r#"
 local n = tonumber(ARGV[1])
+redis.call('SET', KEYS[2], ARGV[5], 'NX')
+local last = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1)
+local prev = '0-0'
+if #last > 0 then prev = last[1][1] end
 local ids = {}
+local added = false
 for i = 1, n do
-  local b = 5 + (i - 1) * 6
-  local stored = ARGV[b + 5]
-  if stored ~= '' and not redis.call('SET', 'sensorwire:announced:' .. stored, '1', 'NX', 'PX', 3600000) then
+  local b = 6 + (i - 1) * 5
+  local stored = ARGV[b + 4]
+  if stored ~= '' and not redis.call('SET', ARGV[6] .. stored, '1', 'NX', 'PX', 3600000) then
     ids[i] = ''
   else
-    local id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[2], '*',
-      'o', ARGV[b + 1], 'e', ARGV[b + 2], 'r', ARGV[b + 3], 'p', ARGV[b + 4], 'n', ARGV[b + 6])
-    redis.call('XADD', KEYS[i + 1], 'MAXLEN', '~', ARGV[3], id,
-      'e', ARGV[b + 2], 'r', ARGV[b + 3], 'p', ARGV[b + 4])
-    redis.call('XTRIM', KEYS[i + 1], 'MINID', '~', ARGV[4])
-    redis.call('PEXPIRE', KEYS[i + 1], ARGV[5])
+    local id
+    if ARGV[b + 5] == '' then
+      id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[2], '*',
+        'e', ARGV[b + 1], 'r', ARGV[b + 2], 'p', ARGV[b + 3])
+    else
+      id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[2], '*',
+        'e', ARGV[b + 1], 'r', ARGV[b + 2], 'p', ARGV[b + 3], 'n', ARGV[b + 5])
+    end
+    redis.call('SPUBLISH', KEYS[1], id .. '\n' .. prev .. '\n' .. ARGV[b + 5] .. '\n' ..
+      ARGV[b + 2] .. '\n' .. ARGV[b + 3] .. '\n' .. ARGV[b + 1])
+    prev = id
     ids[i] = id
+    added = true
   end
+end
+if added then
+  redis.call('XTRIM', KEYS[1], 'MINID', '~', ARGV[3])
+  redis.call('PEXPIRE', KEYS[1], ARGV[4])
 end
 return ids
 "#;
-
-fn org_key(org: &str) -> String {
-    format!("{GLOBAL}:{org}")
-}
 
 /// A stream entry as Redis gives it: its id and its fields.
 type StreamEntry = (String, HashMap<String, String>);
@@ -81,11 +106,27 @@ pub struct Logged<'a> {
     pub payload: &'a RawValue,
     /// Its `event_outbox` row, if it comes from one.
     pub stored: Option<i64>,
-    /// The node whose sockets already have it (an outage backlog), whose tail skips it.
+    /// The node whose sockets already have it (an outage backlog): its feed skips it.
     pub origin: Option<&'a str>,
 }
 
-/// Appends and replays; cheap to clone.
+/// What became of one event given to [`RedisLog::append`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Appended {
+    Logged(Offset),
+    /// An outbox row that was logged before.
+    Duplicate,
+    /// Its organisation's append failed (its Redis master is away): not logged.
+    Failed,
+}
+
+/// An event read from a stream or its channel, with the node it came from (when marked).
+pub struct Read {
+    pub entry: Entry,
+    pub origin: Option<String>,
+}
+
+/// Appends, reads and replays; cheap to clone.
 #[derive(Clone)]
 pub struct RedisLog {
     client: fred::clients::Client,
@@ -105,26 +146,64 @@ impl RedisLog {
         }
     }
 
-    /// Logs events, in order, in one round trip; every node's tail then delivers them. `None`
-    /// for an outbox event that was logged already.
+    pub fn window_ms(&self) -> u64 {
+        self.window_ms
+    }
+
+    /// Logs events, each organisation's in order, one script per organisation, all at once;
+    /// the followers then deliver them. An error is the first failure, if any.
     pub async fn append(
         &self,
         events: &[Logged<'_>],
-    ) -> Result<Vec<Option<Offset>>, fred::error::Error> {
+    ) -> (Vec<Appended>, Option<fred::error::Error>) {
+        let mut by_org: Vec<(&str, Vec<usize>)> = Vec::new();
+        for (i, e) in events.iter().enumerate() {
+            match by_org.iter_mut().find(|(org, _)| *org == e.org) {
+                Some((_, at)) => at.push(i),
+                None => by_org.push((e.org, vec![i])),
+            }
+        }
+        let results = futures_util::future::join_all(
+            by_org
+                .iter()
+                .map(|(org, at)| self.append_org(org, at.iter().map(|&i| &events[i]))),
+        )
+        .await;
+        let mut out = vec![Appended::Failed; events.len()];
+        let mut error = None;
+        for ((_, at), result) in by_org.iter().zip(results) {
+            match result {
+                Ok(ids) => {
+                    for (&i, id) in at.iter().zip(ids) {
+                        out[i] = id;
+                    }
+                }
+                Err(e) => {
+                    error.get_or_insert(e);
+                }
+            }
+        }
+        (out, error)
+    }
+
+    async fn append_org<'a>(
+        &self,
+        org: &str,
+        events: impl ExactSizeIterator<Item = &'a Logged<'a>>,
+    ) -> Result<Vec<Appended>, fred::error::Error> {
         let oldest = super::offset::now_ms().saturating_sub(self.window_ms);
-        let mut keys = Vec::with_capacity(events.len() + 1);
-        keys.push(GLOBAL.to_string());
-        let mut args: Vec<fred::types::Value> = vec![
-            (events.len() as i64).into(),
-            (GLOBAL_MAX_LEN as i64).into(),
-            (self.max_events as i64).into(),
-            oldest.to_string().into(),
-            // The organisation's stream outlives its newest entry by one window.
-            ((self.window_ms + 1_000) as i64).into(),
-        ];
+        let mut fresh = [0u8; 8];
+        rand::RngCore::fill_bytes(&mut rand::rng(), &mut fresh);
+        let keys = vec![events_key(org), epoch_key(org)];
+        let mut args: Vec<fred::types::Value> = Vec::with_capacity(6 + events.len() * 5);
+        args.push((events.len() as i64).into());
+        args.push((self.max_events as i64).into());
+        args.push(oldest.to_string().into());
+        // The stream outlives its newest entry by one window.
+        args.push(((self.window_ms + 1_000) as i64).into());
+        args.push(hex::encode(fresh).into());
+        args.push(format!("sensorwire:{{{org}}}:announced:").into());
         for e in events {
-            keys.push(org_key(e.org));
-            args.push(e.org.into());
             args.push(e.event.into());
             args.push(serde_json::to_string(e.rooms).unwrap_or_default().into());
             args.push(e.payload.get().into());
@@ -137,12 +216,40 @@ impl RedisLog {
             .await?;
         ids.iter()
             .map(|id| match id.as_str() {
-                "" => Ok(None),
-                id => id.parse().map(Some).map_err(|_| {
+                "" => Ok(Appended::Duplicate),
+                id => id.parse().map(Appended::Logged).map_err(|_| {
                     fred::error::Error::new(fred::error::ErrorKind::Parse, "bad stream id")
                 }),
             })
             .collect()
+    }
+
+    /// Where `org`'s stream ends now (`0-0` when it has none) and its epoch (none before its
+    /// first append).
+    pub async fn head(&self, org: &str) -> Result<(Offset, Option<String>), fred::error::Error> {
+        let (last, epoch) = tokio::try_join!(
+            self.client
+                .xrevrange::<Vec<StreamEntry>, _, _, _>(events_key(org), "+", "-", Some(1)),
+            self.client.get::<Option<String>, _>(epoch_key(org)),
+        )?;
+        let at = last
+            .into_iter()
+            .next()
+            .and_then(|(id, _)| id.parse().ok())
+            .unwrap_or(Offset { ms: 0, seq: 0 });
+        Ok((at, epoch))
+    }
+
+    /// Up to [`READ_COUNT`] events of `org` after `after`, in order.
+    pub async fn after(&self, org: &str, after: Offset) -> Result<Vec<Read>, fred::error::Error> {
+        let raw: Vec<StreamEntry> = self
+            .client
+            .xrange(events_key(org), format!("({after}"), "+", Some(READ_COUNT))
+            .await?;
+        Ok(raw
+            .into_iter()
+            .filter_map(|(id, fields)| decode(&id, fields))
+            .collect())
     }
 
     /// The events of `org` since `since` up to and including `upto` (where this node's
@@ -160,186 +267,113 @@ impl RedisLog {
         }
         let raw: Vec<StreamEntry> = self
             .client
-            .xrange(org_key(org), at.to_string(), upto.to_string(), None)
+            .xrange(events_key(org), at.to_string(), upto.to_string(), None)
             .await?;
         let log: Vec<Arc<Entry>> = raw
             .into_iter()
-            .filter_map(|(id, fields)| decode(&id, fields).map(|(_, e)| Arc::new(e)))
+            .filter_map(|(id, fields)| decode(&id, fields).map(|r| Arc::new(r.entry)))
             .collect();
         Ok(replay_from(log.iter(), since, membership))
     }
+
+    /// Publishes live readings of one site to the nodes that follow it.
+    pub async fn publish_live(
+        &self,
+        org: &str,
+        site: &str,
+        message: String,
+    ) -> Result<(), fred::error::Error> {
+        self.client
+            .spublish::<(), _, _>(live_channel(org, site), message)
+            .await
+    }
+
+    /// The Redis server that holds `org`'s keys, on a Redis Cluster (`None` otherwise).
+    pub fn server_of(&self, org: &str) -> Option<String> {
+        use fred::interfaces::ClusterInterface;
+        let state = self.client.cached_cluster_state()?;
+        let slot = fred::util::redis_keyslot(events_key(org).as_bytes());
+        state.get_server(slot).map(|s| s.to_string())
+    }
 }
 
-/// Turns a stream entry into an [`Entry`] (and its organisation, when the entry names it).
-fn decode(id: &str, mut fields: HashMap<String, String>) -> Option<(Option<String>, Entry)> {
+/// Turns a stream entry into a [`Read`].
+fn decode(id: &str, mut fields: HashMap<String, String>) -> Option<Read> {
     let offset: Offset = id.parse().ok()?;
     let event = fields.remove("e")?;
     let rooms: Vec<String> = serde_json::from_str(fields.get("r")?).ok()?;
     let payload = RawValue::from_string(fields.remove("p")?).ok()?;
-    Some((
-        fields.remove("o"),
-        Entry {
+    Some(Read {
+        entry: Entry {
             offset,
             event: Cow::Owned(event),
             rooms,
             payload: stamp(&payload, offset),
         },
-    ))
+        origin: fields.remove("n"),
+    })
 }
 
-/// The entries of an `XREAD` answer; a block that timed out answers nil: nothing new.
-fn entries_of(value: fred::types::Value) -> Result<Vec<StreamEntry>, fred::error::Error> {
-    if value.is_null() {
-        return Ok(Vec::new());
+/// An appended event as its channel announces it (see [`APPEND`]).
+pub struct Announced {
+    pub prev: Offset,
+    pub read: Read,
+}
+
+/// Parses an announcement; `None` when it is not one (the follower then reads the stream).
+pub fn parse_announced(text: &str) -> Option<Announced> {
+    let mut parts = text.splitn(6, '\n');
+    let offset: Offset = parts.next()?.parse().ok()?;
+    let prev: Offset = parts.next()?.parse().ok()?;
+    let origin = parts.next()?;
+    let rooms: Vec<String> = serde_json::from_str(parts.next()?).ok()?;
+    let payload: &RawValue = serde_json::from_str(parts.next()?).ok()?;
+    let event = parts.next()?;
+    Some(Announced {
+        prev,
+        read: Read {
+            entry: Entry {
+                offset,
+                event: Cow::Owned(event.to_string()),
+                rooms,
+                payload: stamp(payload, offset),
+            },
+            origin: (!origin.is_empty()).then(|| origin.to_string()),
+        },
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_of_one_organisation_share_a_hash_slot() {
+        let slot = |k: &str| fred::util::redis_keyslot(k.as_bytes());
+        let org = "org-1";
+        assert_eq!(slot(&events_key(org)), slot(&epoch_key(org)));
+        assert_eq!(slot(&events_key(org)), slot(&live_channel(org, "site:a")));
+        assert_eq!(
+            slot(&events_key(org)),
+            slot(&format!("sensorwire:{{{org}}}:announced:42"))
+        );
     }
-    let mut streams: HashMap<String, Vec<StreamEntry>> = value.into_xread_response()?;
-    Ok(streams.remove(GLOBAL).unwrap_or_default())
-}
 
-/// What the tail hands the node's delivery loop, in stream order.
-pub enum Tailed {
-    /// Where the stream ended when the tail started: this node delivers what comes after.
-    Start(Offset),
-    /// An event and its organisation; `from_here`: appended by this node from its outage
-    /// backlog, so its sockets have it already.
-    Entry {
-        org: String,
-        entry: Arc<Entry>,
-        from_here: bool,
-    },
-    /// Redis lost the stream (it restarted without its data) while this node was reading it.
-    Lost,
-}
-
-/// A key each node sets once if absent: a different value after Redis comes back means its
-/// data is gone.
-const EPOCH: &str = "sensorwire:epoch";
-
-/// This Redis' epoch, set now if it has none.
-async fn epoch(client: &fred::clients::Client) -> Result<String, fred::error::Error> {
-    use fred::interfaces::KeysInterface;
-    let mut fresh = [0u8; 8];
-    rand::RngCore::fill_bytes(&mut rand::rng(), &mut fresh);
-    let _: Option<String> = client
-        .set(
-            EPOCH,
-            hex::encode(fresh),
-            None,
-            Some(fred::types::SetOptions::NX),
-            false,
-        )
-        .await?;
-    let current: Option<String> = client.get(EPOCH).await?;
-    Ok(current.unwrap_or_default())
-}
-
-/// Reads the global stream from where it ends now, forever. A dedicated connection: `XREAD
-/// BLOCK` holds it while it waits.
-pub async fn tail(
-    client: fred::clients::Client,
-    deliver: tokio::sync::mpsc::Sender<Tailed>,
-    node: Arc<str>,
-) {
-    let mut known_epoch = loop {
-        match epoch(&client).await {
-            Ok(e) => break e,
-            Err(e) => {
-                tracing::warn!(error = %e, "reading the cluster event stream failed; retrying");
-                tokio::time::sleep(Duration::from_millis(500)).await;
-            }
-        }
-    };
-    let mut from = loop {
-        match client
-            .xrevrange::<Vec<StreamEntry>, _, _, _>(GLOBAL, "+", "-", Some(1))
-            .await
-        {
-            Ok(last) => {
-                break last
-                    .into_iter()
-                    .next()
-                    .and_then(|(id, _)| id.parse().ok())
-                    .unwrap_or(Offset { ms: 0, seq: 0 });
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "reading the cluster event stream failed; retrying");
-                tokio::time::sleep(Duration::from_millis(500)).await;
-            }
-        }
-    };
-    if deliver.send(Tailed::Start(from)).await.is_err() {
-        return;
-    }
-    let mut failing = false;
-    loop {
-        let read = tokio::time::timeout(
-            Duration::from_millis(TAIL_BLOCK_MS + 2_000),
-            client.xread::<fred::types::Value, _, _>(
-                Some(TAIL_COUNT),
-                Some(TAIL_BLOCK_MS),
-                GLOBAL,
-                from.to_string(),
-            ),
-        )
-        .await
-        .map(|r| r.and_then(entries_of));
-        let entries = match read {
-            Ok(Ok(entries)) => entries,
-            failed => {
-                if !failing {
-                    failing = true;
-                    let error = match failed {
-                        Ok(Err(e)) => e.to_string(),
-                        _ => "timed out".to_string(),
-                    };
-                    tracing::warn!(%error, "reading the cluster event stream failed; retrying");
-                }
-                tokio::time::sleep(Duration::from_millis(200)).await;
-                continue;
-            }
-        };
-        if failing {
-            failing = false;
-            tracing::info!("reading the cluster event stream again");
-            match epoch(&client).await {
-                Ok(now) if now != known_epoch => {
-                    known_epoch = now;
-                    if deliver.send(Tailed::Lost).await.is_err() {
-                        return;
-                    }
-                }
-                Ok(_) => {}
-                Err(_) => {
-                    failing = true;
-                    continue;
-                }
-            }
-        }
-        for (id, mut fields) in entries {
-            let from_here = fields.remove("n").is_some_and(|n| *n == *node);
-            match decode(&id, fields) {
-                Some((Some(org), entry)) => {
-                    from = entry.offset;
-                    let entry = Arc::new(entry);
-                    if deliver
-                        .send(Tailed::Entry {
-                            org,
-                            entry,
-                            from_here,
-                        })
-                        .await
-                        .is_err()
-                    {
-                        return;
-                    }
-                }
-                _ => {
-                    if let Ok(offset) = id.parse() {
-                        from = offset;
-                    }
-                    tracing::warn!(id = %id, "malformed cluster event skipped");
-                }
-            }
-        }
+    #[test]
+    fn an_announcement_parses_back_whole() {
+        let text = "1700000000000-3\n1700000000000-2\nnode-a\n[\"org|o\"]\n{\"a\":\"x\\ny\"}\nservice:status\nmore";
+        let a = parse_announced(text).expect("parses");
+        assert_eq!(a.prev.to_string(), "1700000000000-2");
+        assert_eq!(a.read.entry.offset.to_string(), "1700000000000-3");
+        assert_eq!(a.read.origin.as_deref(), Some("node-a"));
+        assert_eq!(a.read.entry.rooms, vec!["org|o".to_string()]);
+        // The name comes last and whole, whatever it holds.
+        assert_eq!(a.read.entry.event, "service:status\nmore");
+        let stamped: serde_json::Value = serde_json::from_str(a.read.entry.payload.get()).unwrap();
+        assert_eq!(stamped["a"], "x\ny");
+        assert_eq!(stamped["offset"], "1700000000000-3");
+        assert!(parse_announced("garbage").is_none());
+        let first = parse_announced("5-0\n0-0\n\n[]\n{}\ne").expect("parses");
+        assert_eq!(first.read.origin, None);
     }
 }
