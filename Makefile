@@ -47,7 +47,7 @@ proto:
 	cargo run -- proto
 
 # Performance (README "Performance"). Not part of `make test`: figures, not assertions.
-.PHONY: bench-load bench-load-quick bench-micro
+.PHONY: bench-load bench-load-quick bench-micro bench-capacity
 
 # The load harness: builds release binaries, starts its own gateways (SQLite, PostgreSQL, two
 # nodes over a private Redis), prints one JSON line per scenario. ARGS="--scenarios fanout" etc.
@@ -61,3 +61,13 @@ bench-load-quick:
 # Criterion micro-benchmarks of validation, batch encoding and the alert state machine.
 bench-micro:
 	cargo bench --bench hot_paths
+
+# Issue 16's capacity figures (bench/README.md, scenario `capacity`): two nodes on one PostgreSQL
+# database and a private Redis (a 3-master Redis Cluster with ARGS=--redis-cluster); Redis and
+# node CPU per organisation event, node CPU per delivery, memory per connection. About 2 minutes;
+# JSON lines on stdout only, e.g. `make bench-capacity > capacity.jsonl`. Builds the release
+# binary unless SENSORWIRE_BIN names one (SENSORWIRE_BIN=/tmp/sensorwire-before).
+bench-capacity:
+	@if [ -z "$(SENSORWIRE_BIN)" ]; then cargo build --release --bin sensorwire >&2; fi
+	@cd bench && { [ -d node_modules ] || npm ci --no-audit --no-fund --loglevel=error >&2; } && \
+		node run.mjs --scenarios capacity $(if $(SENSORWIRE_BIN),--bin $(abspath $(SENSORWIRE_BIN))) $(ARGS)

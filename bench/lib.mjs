@@ -401,12 +401,15 @@ function redisPing(port, timeoutMs = 500) {
 }
 
 /**
- * Starts `redis-server` on a free port of 127.0.0.1, no persistence, as a child process.
+ * Starts `redis-server` on a free port of 127.0.0.1 (or `port`), no persistence, as a child
+ * process; `extraArgs` are appended to its command line (e.g. the cluster options), `cwd` is
+ * where it runs (a cluster node writes its nodes.conf there).
  * Resolves { url, port, pid, stop() }; stop() sends SIGTERM (SIGKILL after 5 s).
  */
-export async function startRedis({ bin = 'redis-server', startupTimeoutMs = 10_000 } = {}) {
-  const port = await freePort();
-  const child = spawn(bin, ['--port', String(port), '--bind', '127.0.0.1', '--save', '', '--appendonly', 'no'], {
+export async function startRedis({ bin = 'redis-server', startupTimeoutMs = 10_000, port: fixedPort = null, extraArgs = [], cwd = undefined } = {}) {
+  const port = fixedPort ?? (await freePort());
+  const child = spawn(bin, ['--port', String(port), '--bind', '127.0.0.1', '--save', '', '--appendonly', 'no', ...extraArgs], {
+    cwd,
     stdio: ['ignore', 'pipe', 'pipe'],
   });
   let output = '';
@@ -447,4 +450,192 @@ export async function startRedis({ bin = 'redis-server', startupTimeoutMs = 10_0
     await sleep(50);
   }
   return { url: `redis://127.0.0.1:${port}`, port, pid: child.pid, stop, output: () => output };
+}
+
+/** Whether `port` can be bound on 127.0.0.1 right now. */
+function portFree(port) {
+  return new Promise((resolve) => {
+    const srv = net.createServer();
+    srv.unref();
+    srv.once('error', () => resolve(false));
+    srv.listen(port, '127.0.0.1', () => srv.close(() => resolve(true)));
+  });
+}
+
+/**
+ * One command to the Redis at 127.0.0.1:`port` over a fresh connection (RESP). Resolves the
+ * reply: a string (simple or bulk), a number, null, or an array of those; rejects on an error
+ * reply or after `timeoutMs`. Enough for INFO and CLUSTER INFO, not a client library.
+ */
+export function redisCommand(port, args, timeoutMs = 2_000) {
+  return new Promise((resolve, reject) => {
+    const sock = net.connect({ host: '127.0.0.1', port });
+    let buf = Buffer.alloc(0);
+    const finish = (err, value) => {
+      sock.destroy();
+      if (err) reject(err);
+      else resolve(value);
+    };
+    sock.setTimeout(timeoutMs, () => finish(new Error(`redis ${port}: no answer to ${args[0]} within ${timeoutMs} ms`)));
+    sock.once('error', (e) => finish(e));
+    sock.once('connect', () => {
+      sock.write(`*${args.length}\r\n${args.map((a) => `$${Buffer.byteLength(String(a))}\r\n${a}\r\n`).join('')}`);
+    });
+    // Parses one value at `at`; returns [value, next] or null when more bytes are needed.
+    const parse = (at) => {
+      const eol = buf.indexOf('\r\n', at);
+      if (eol < 0) return null;
+      const type = String.fromCharCode(buf[at]);
+      const head = buf.toString('latin1', at + 1, eol);
+      if (type === '+') return [head, eol + 2];
+      if (type === '-') return [new Error(head), eol + 2];
+      if (type === ':') return [Number(head), eol + 2];
+      if (type === '$') {
+        const len = Number(head);
+        if (len < 0) return [null, eol + 2];
+        if (buf.length < eol + 2 + len + 2) return null;
+        return [buf.toString('utf8', eol + 2, eol + 2 + len), eol + 2 + len + 2];
+      }
+      if (type === '*') {
+        const n = Number(head);
+        if (n < 0) return [null, eol + 2];
+        const out = [];
+        let next = eol + 2;
+        for (let i = 0; i < n; i++) {
+          const r = parse(next);
+          if (!r) return null;
+          out.push(r[0]);
+          next = r[1];
+        }
+        return [out, next];
+      }
+      return [new Error(`unexpected RESP type ${type}`), eol + 2];
+    };
+    sock.on('data', (d) => {
+      buf = Buffer.concat([buf, d]);
+      const r = parse(0);
+      if (!r) return;
+      if (r[0] instanceof Error) finish(r[0]);
+      else finish(null, r[0]);
+    });
+  });
+}
+
+/** `INFO <section>` as { field: value } (numbers where they parse). */
+export async function redisInfo(port, section) {
+  const text = await redisCommand(port, ['INFO', section]);
+  const out = {};
+  for (const line of String(text).split('\r\n')) {
+    if (!line || line.startsWith('#')) continue;
+    const i = line.indexOf(':');
+    if (i < 0) continue;
+    out[line.slice(0, i)] = line.slice(i + 1);
+  }
+  return out;
+}
+
+/**
+ * `INFO commandstats` of every given port, summed: { command: { calls, usec } } (usec is the
+ * time Redis spent executing the command, without reading and writing the sockets).
+ */
+export async function redisCommandStats(ports) {
+  const out = {};
+  for (const port of ports) {
+    const info = await redisInfo(port, 'commandstats');
+    for (const [k, v] of Object.entries(info)) {
+      if (!k.startsWith('cmdstat_')) continue;
+      const cmd = k.slice('cmdstat_'.length);
+      const calls = Number(/calls=(\d+)/.exec(v)?.[1] ?? 0);
+      const usec = Number(/usec=(\d+)/.exec(v)?.[1] ?? 0);
+      out[cmd] ??= { calls: 0, usec: 0 };
+      out[cmd].calls += calls;
+      out[cmd].usec += usec;
+    }
+  }
+  return out;
+}
+
+/** Bytes every given Redis has read from and written to its clients so far (INFO stats), summed. */
+export async function redisNetBytes(ports) {
+  let input = 0;
+  let output = 0;
+  for (const port of ports) {
+    const info = await redisInfo(port, 'stats');
+    input += Number(info.total_net_input_bytes ?? 0);
+    output += Number(info.total_net_output_bytes ?? 0);
+  }
+  return { input, output };
+}
+
+/**
+ * A Redis Cluster of `masters` redis-server processes on 127.0.0.1 (no replicas, no
+ * persistence), each in its own temporary directory, joined with
+ * `redis-cli --cluster create … --cluster-replicas 0 --cluster-yes`. Resolves when every node
+ * reports cluster_state:ok with all 16384 slots assigned:
+ * { url: 'redis-cluster://127.0.0.1:p1,…', ports, pids, instances, stop() }.
+ */
+export async function startRedisCluster({ bin = 'redis-server', cli = 'redis-cli', masters = 3, startupTimeoutMs = 30_000 } = {}) {
+  // A cluster node also listens on port + 10000 (the cluster bus): both must be free.
+  const ports = [];
+  for (let tries = 0; ports.length < masters; tries++) {
+    if (tries > 500) throw new Error('no free port pairs (p, p + 10000) for the Redis cluster');
+    const p = 20000 + Math.floor(Math.random() * 35000);
+    if (ports.includes(p) || ports.includes(p + 10000) || ports.includes(p - 10000)) continue;
+    if ((await portFree(p)) && (await portFree(p + 10000))) ports.push(p);
+  }
+  const dirs = [];
+  const instances = [];
+  const stop = async () => {
+    await Promise.all(instances.map((r) => r.stop()));
+    for (const d of dirs) rmSync(d, { recursive: true, force: true });
+  };
+  try {
+    for (const port of ports) {
+      const dir = mkdtempSync(path.join(tmpdir(), 'swbench-redis-'));
+      dirs.push(dir);
+      instances.push(
+        await startRedis({
+          bin,
+          port,
+          cwd: dir,
+          extraArgs: ['--cluster-enabled', 'yes', '--cluster-config-file', 'nodes.conf', '--cluster-node-timeout', '5000'],
+        }),
+      );
+    }
+    const addrs = ports.map((p) => `127.0.0.1:${p}`);
+    try {
+      execFileSync(cli, ['--cluster', 'create', ...addrs, '--cluster-replicas', '0', '--cluster-yes'], {
+        stdio: ['ignore', 'pipe', 'pipe'],
+        timeout: startupTimeoutMs,
+      });
+    } catch (e) {
+      throw new Error(`${cli} --cluster create failed: ${e.message}\n${e.stdout ?? ''}${e.stderr ?? ''}`);
+    }
+    const deadline = Date.now() + startupTimeoutMs;
+    for (;;) {
+      const states = await Promise.all(
+        ports.map((p) =>
+          redisCommand(p, ['CLUSTER', 'INFO'])
+            .then((t) => String(t))
+            .catch(() => ''),
+        ),
+      );
+      const ok = states.every(
+        (t) => /cluster_state:ok/.test(t) && /cluster_slots_assigned:16384/.test(t) && new RegExp(`cluster_known_nodes:${masters}\\b`).test(t),
+      );
+      if (ok) break;
+      if (Date.now() > deadline) throw new Error(`the Redis cluster on ${addrs.join(',')} did not become ready:\n${states.join('\n---\n')}`);
+      await sleep(100);
+    }
+    return {
+      url: `redis-cluster://${addrs.join(',')}`,
+      ports,
+      pids: instances.map((r) => r.pid),
+      instances,
+      stop,
+    };
+  } catch (e) {
+    await stop();
+    throw e;
+  }
 }

@@ -5,6 +5,8 @@
 //   node run.mjs            full run (≈ 4–6 minutes on a 2-core machine)
 //   node run.mjs --scenarios cluster   only the two-node Redis scenario (≈ 1.5 minutes)
 //   node run.mjs --quick    smoke run (≈ 30 s)
+//   node run.mjs --scenarios capacity [--redis-cluster]   issue 16's figures: Redis and node CPU
+//                           per organisation event, memory per connection (≈ 2½ minutes; not in the default run)
 //   node run.mjs --help     every flag
 
 import { Worker } from 'node:worker_threads';
@@ -34,7 +36,10 @@ import {
   sqliteAvailable,
   sqliteCount,
   startGateway,
+  redisCommandStats,
+  redisNetBytes,
   startRedis,
+  startRedisCluster,
   statusMiB,
   summariseLog,
 } from './lib.mjs';
@@ -47,7 +52,7 @@ const SERVER_DEFAULT_FLUSH_MS = 1000; // the contract's default for FLUSH_INTERV
 
 const FLAGS = {
   quick: { type: 'boolean', default: false, help: 'smoke run (~30 s): fewer posters, clients and seconds' },
-  scenarios: { type: 'string', help: 'comma list of ingest,e2e,cluster (default all three, in that order)' },
+  scenarios: { type: 'string', help: 'comma list of ingest,e2e,cluster,capacity (default ingest,e2e,cluster, in that order; capacity only when named)' },
   scenario: { type: 'string', help: 'same as --scenarios' },
   bin: { type: 'string', help: 'gateway binary (default $SENSORWIRE_BIN or ../target/release/sensorwire)' },
   'pg-url': { type: 'string', help: 'maintenance database for CREATE/DROP DATABASE (default $BENCH_POSTGRES_URL or postgres://root@127.0.0.1:5432/test)' },
@@ -70,7 +75,18 @@ const FLAGS = {
   'cluster-units': { type: 'string', help: 'cluster: units the readings are spread over (default 50)' },
   'cluster-request-size': { type: 'string', help: 'cluster: readings per ingest request (default 10)' },
   'cluster-duration': { type: 'string', help: 'cluster: seconds of posting (default 20)' },
-  'redis-server': { type: 'string', help: 'cluster: redis-server binary (default $REDIS_SERVER or redis-server on PATH)' },
+  'redis-server': { type: 'string', help: 'cluster, capacity: redis-server binary (default $REDIS_SERVER or redis-server on PATH)' },
+  'capacity-clients': { type: 'string', help: 'capacity: org X clients (node 1 in run A, split in run B; default 1000)' },
+  'capacity-other-clients': { type: 'string', help: 'capacity: org Y clients on node 2, never posted to (default 500)' },
+  'capacity-rate': { type: 'string', help: 'capacity: readings per second posted to node 1 (default 200)' },
+  'capacity-units': { type: 'string', help: 'capacity: units of org X the readings are spread over (default 50)' },
+  'capacity-request-size': { type: 'string', help: 'capacity: readings per ingest request (default 10)' },
+  'capacity-duration': { type: 'string', help: 'capacity: seconds of posting (default 20)' },
+  'capacity-idle': { type: 'string', help: 'capacity: seconds of the idle window measured before the load (default: --capacity-duration)' },
+  'capacity-runs': { type: 'string', help: 'capacity: comma list of A (org X on node 1 only), B (org X split over both nodes); default A,B' },
+  'redis-cluster': { type: 'boolean', default: false, help: 'capacity: a Redis Cluster (REDIS_URL=redis-cluster://h:p,...) instead of one redis-server' },
+  'redis-masters': { type: 'string', help: 'capacity with --redis-cluster: masters (default 3, no replicas)' },
+  'redis-cli': { type: 'string', help: 'capacity with --redis-cluster: redis-cli binary for --cluster create (default $REDIS_CLI or redis-cli)' },
   help: { type: 'boolean', default: false, help: 'this text' },
 };
 
@@ -116,8 +132,22 @@ function options() {
     clusterRequestSize: num('cluster-request-size', 10, 10),
     clusterDuration: num('cluster-duration', 20, 5),
     redisServer: values['redis-server'] ?? process.env.REDIS_SERVER ?? 'redis-server',
+    capacityClients: num('capacity-clients', 1000, 200),
+    capacityOtherClients: values['capacity-other-clients'] === '0' ? 0 : num('capacity-other-clients', 500, 100),
+    capacityRate: num('capacity-rate', 200, 100),
+    capacityUnits: num('capacity-units', 50, 50),
+    capacityRequestSize: num('capacity-request-size', 10, 10),
+    capacityDuration: num('capacity-duration', 20, 5),
+    capacityIdle: null,
+    capacityRuns: list('capacity-runs', 'A,B', 'A,B').map((s) => s.toUpperCase()),
+    redisCluster: values['redis-cluster'],
+    redisMasters: num('redis-masters', 3, 3),
+    redisCli: values['redis-cli'] ?? process.env.REDIS_CLI ?? 'redis-cli',
   };
-  for (const s of o.scenarios) if (!['ingest', 'e2e', 'cluster'].includes(s)) throw new Error(`unknown scenario ${s}`);
+  o.capacityIdle = values['capacity-idle'] !== undefined ? num('capacity-idle', 0, 0) : o.capacityDuration;
+  for (const r of o.capacityRuns) if (!['A', 'B'].includes(r)) throw new Error(`--capacity-runs: A or B, not ${r}`);
+  if (o.capacityRequestSize > 1000) throw new Error('--capacity-request-size is at most 1000 (the gateway cap)');
+  for (const s of o.scenarios) if (!['ingest', 'e2e', 'cluster', 'capacity'].includes(s)) throw new Error(`unknown scenario ${s}`);
   for (const n of o.clusterNodes) if (!Number.isInteger(n) || n < 1) throw new Error('--cluster-nodes: positive integers');
   if (o.clusterRequestSize > 1000 || o.requestSize > 1000) throw new Error('--request-size / --cluster-request-size is at most 1000 (the gateway cap)');
   for (const e of o.engines) if (!['sqlite', 'postgres'].includes(e)) throw new Error(`unknown engine ${e}`);
@@ -596,6 +626,89 @@ function histSummary(hist, max) {
 
 const perMillion = (cpu, deliveries) => (deliveries > 0 && cpu !== null ? round(cpu / (deliveries / 1e6), 2) : null);
 
+/**
+ * One poster on a fixed schedule (cluster, capacity): from `started`, one request of
+ * `requestSize` readings every requestSize / rate seconds for `duration` s, spread over `units`;
+ * request k goes to node `target(k)` (an index into `urls`) with `deviceOf(node)` as deviceId.
+ * `recordedAt` never repeats a millisecond (see e2e). Waits for every answer and for the end of
+ * the schedule. Non-200 answers are counted as `node<i>:<status>`.
+ */
+async function postOnSchedule({ started, rate, requestSize, duration, units, token, agent, urls, target, deviceOf }) {
+  const interval = (1000 * requestSize) / rate;
+  const totalRequests = Math.round((duration * 1000) / interval);
+  const errors = {};
+  const latencies = [];
+  const postedPerNode = urls.map(() => 0);
+  let duplicates = 0;
+  let lateSends = 0;
+  const inflight = new Set();
+  let lastTs = 0;
+  for (let k = 0; k < totalRequests; k++) {
+    const due = started + k * interval;
+    const wait = due - performance.now();
+    if (wait > 0) await sleep(wait);
+    else if (-wait > interval) lateSends++;
+    const n = target(k);
+    const now = Math.max(Date.now(), lastTs + 1); // never reuse a millisecond (see e2e)
+    lastTs = now;
+    const readings = [];
+    for (let j = 0; j < requestSize; j++) {
+      readings.push({
+        unitId: units[(k * requestSize + j) % units.length],
+        temperature: temperature(),
+        recordedAt: isoMs(now),
+        deviceId: deviceOf(n),
+      });
+    }
+    const p = request(urls[n], 'POST', '/api/readings/ingest', { token, agent, body: { readings } })
+      .then((res) => {
+        if (res.status === 200) {
+          postedPerNode[n] += res.body.accepted;
+          duplicates += res.body.duplicates;
+          latencies.push(res.ms);
+        } else {
+          const key = `node${n}:${res.status}`;
+          errors[key] = (errors[key] || 0) + 1;
+        }
+      })
+      .catch((e) => {
+        const key = `node${n}:network:${e.code ?? e.message}`;
+        errors[key] = (errors[key] || 0) + 1;
+      })
+      .finally(() => inflight.delete(p));
+    inflight.add(p);
+  }
+  await Promise.all([...inflight]);
+  const scheduleEnd = started + duration * 1000;
+  if (performance.now() < scheduleEnd) await sleep(scheduleEnd - performance.now());
+  const postSeconds = (performance.now() - started) / 1000;
+  return { postedPerNode, duplicates, errors, latencies, lateSends, postSeconds };
+}
+
+/**
+ * Waits for the last flush windows, as in e2e: until the workers' clients have `expected`
+ * reading-deliveries, or nothing has arrived for 3 flush intervals + 2 s (at most 30 s).
+ * Resolves the last collectStats().
+ */
+async function drainDeliveries(workers, expected, flushMs) {
+  let stats = await collectStats(workers);
+  let lastChange = performance.now();
+  let last = stats.deliveries;
+  const drainStart = performance.now();
+  while (stats.deliveries < expected) {
+    await sleep(250);
+    stats = await collectStats(workers);
+    if (stats.deliveries !== last) {
+      last = stats.deliveries;
+      lastChange = performance.now();
+    }
+    const sinceChange = performance.now() - lastChange;
+    const sinceDrain = performance.now() - drainStart;
+    if ((sinceChange > 3 * flushMs + 2000 && sinceDrain > 2 * flushMs) || sinceDrain > 30_000) break;
+  }
+  return stats;
+}
+
 async function clusterRun(o, nodes) {
   const flushEnv = o.flushIntervalMs !== null ? { FLUSH_INTERVAL_MS: String(o.flushIntervalMs) } : {};
   const flushMs = o.flushIntervalMs ?? SERVER_DEFAULT_FLUSH_MS;
@@ -671,78 +784,28 @@ async function clusterRun(o, nodes) {
     log(`cluster: ${connected}/${o.clusterClients} connected in ${connectMs} ms; RSS ${rssConnected.map((r) => round(r, 1)).join(' + ')} MiB; posting ${o.clusterRate} readings/s for ${o.clusterDuration} s, alternating over ${nodes} node(s)`);
 
     // One poster, fixed schedule; request k goes to node k % nodes, with that node's deviceId.
-    const interval = (1000 * o.clusterRequestSize) / o.clusterRate;
-    const totalRequests = Math.round((o.clusterDuration * 1000) / interval);
-    const errors = {};
-    const latencies = [];
-    const postedPerNode = gws.map(() => 0);
-    let duplicates = 0;
-    let lateSends = 0;
-    const inflight = new Set();
-    let lastTs = 0;
     const cpu0 = nodeCpu();
     const redis0 = redisCpu();
     const clientCpu0 = process.cpuUsage();
     const machine0 = machineBusySeconds();
     const started = performance.now();
-    for (let k = 0; k < totalRequests; k++) {
-      const due = started + k * interval;
-      const wait = due - performance.now();
-      if (wait > 0) await sleep(wait);
-      else if (-wait > interval) lateSends++;
-      const n = k % nodes;
-      const now = Math.max(Date.now(), lastTs + 1); // never reuse a millisecond (see e2e)
-      lastTs = now;
-      const readings = [];
-      for (let j = 0; j < o.clusterRequestSize; j++) {
-        readings.push({
-          unitId: units[(k * o.clusterRequestSize + j) % units.length],
-          temperature: temperature(),
-          recordedAt: isoMs(now),
-          deviceId: deviceOf(n),
-        });
-      }
-      const p = request(gws[n].url, 'POST', '/api/readings/ingest', { token: admin, agent, body: { readings } })
-        .then((res) => {
-          if (res.status === 200) {
-            postedPerNode[n] += res.body.accepted;
-            duplicates += res.body.duplicates;
-            latencies.push(res.ms);
-          } else {
-            const key = `node${n}:${res.status}`;
-            errors[key] = (errors[key] || 0) + 1;
-          }
-        })
-        .catch((e) => {
-          const key = `node${n}:network:${e.code ?? e.message}`;
-          errors[key] = (errors[key] || 0) + 1;
-        })
-        .finally(() => inflight.delete(p));
-      inflight.add(p);
-    }
-    await Promise.all([...inflight]);
-    const scheduleEnd = started + o.clusterDuration * 1000;
-    if (performance.now() < scheduleEnd) await sleep(scheduleEnd - performance.now());
-    const postSeconds = (performance.now() - started) / 1000;
+    const { postedPerNode, duplicates, errors, latencies, lateSends, postSeconds } = await postOnSchedule({
+      started,
+      rate: o.clusterRate,
+      requestSize: o.clusterRequestSize,
+      duration: o.clusterDuration,
+      units,
+      token: admin,
+      agent,
+      urls: gws.map((g) => g.url),
+      target: (k) => k % nodes,
+      deviceOf,
+    });
     const posted = postedPerNode.reduce((a, b) => a + b, 0);
 
     // Drain, as in e2e.
     const expected = posted * o.clusterClients;
-    let stats = await collectStats(workers);
-    let lastChange = performance.now();
-    let last = stats.deliveries;
-    const drainStart = performance.now();
-    while (stats.deliveries < expected) {
-      await sleep(250);
-      stats = await collectStats(workers);
-      if (stats.deliveries !== last) {
-        last = stats.deliveries;
-        lastChange = performance.now();
-      }
-      const sinceChange = performance.now() - lastChange;
-      const sinceDrain = performance.now() - drainStart;
-      if ((sinceChange > 3 * flushMs + 2000 && sinceDrain > 2 * flushMs) || sinceDrain > 30_000) break;
-    }
+    const stats = await drainDeliveries(workers, expected, flushMs);
     const windowSeconds = (performance.now() - started) / 1000;
     const cpu1 = nodeCpu();
     const redis1 = redisCpu();
@@ -916,6 +979,436 @@ function adapterCost(multi, single) {
 }
 
 // ---------------------------------------------------------------------------------------------
+// Scenario 4: capacity — what Redis and a second node pay per organisation event (issue 16)
+
+const ORG_OTHER = 'bench-other';
+const CAPACITY_DEVICE = (n) => `capacity-n${n}`;
+
+/** Sum of a Prometheus counter's samples whose labels contain `label` (0 when absent), or null without text. */
+function metricValue(text, name, label = '') {
+  if (typeof text !== 'string') return null;
+  let sum = 0;
+  for (const line of text.split('\n')) {
+    if (!line.startsWith(name)) continue;
+    const rest = line.slice(name.length);
+    if (rest[0] !== '{' && rest[0] !== ' ') continue;
+    if (label && !rest.includes(label)) continue;
+    const v = Number(line.slice(line.lastIndexOf(' ') + 1));
+    if (Number.isFinite(v)) sum += v;
+  }
+  return sum;
+}
+
+/** Every node's /metrics text (null for a node that did not answer). */
+const nodeMetrics = (gws) =>
+  Promise.all(
+    gws.map((g) =>
+      request(g.url, 'GET', '/metrics', { timeoutMs: 5_000 })
+        .then((r) => (r.status === 200 && typeof r.body === 'string' ? r.body : null))
+        .catch(() => null),
+    ),
+  );
+
+/** Commandstats after − before: the commands Redis ran in between, most expensive first. */
+function commandDelta(after, before, perEvent, top = 12) {
+  if (!after || !before) return null;
+  const rows = [];
+  for (const [cmd, a] of Object.entries(after)) {
+    const b = before[cmd] ?? { calls: 0, usec: 0 };
+    const calls = a.calls - b.calls;
+    const usec = a.usec - b.usec;
+    if (calls <= 0) continue;
+    rows.push([cmd, { calls, usec, ...(perEvent ? { calls_per_batch_event: round(calls / perEvent, 2) } : {}) }]);
+  }
+  rows.sort((x, y) => y[1].usec - x[1].usec);
+  return Object.fromEntries(rows.slice(0, top));
+}
+
+/**
+ * One capacity run on two nodes: org X (`--capacity-clients`) on node 1 only (run A) or split
+ * over both nodes (run B); org Y (`--capacity-other-clients`) on node 2, never posted to. Every
+ * reading is posted to node 1. Measures, per node and for Redis, CPU over an idle window (every
+ * client connected, nothing posted) and over the load window (first post to end of drain).
+ */
+async function capacityRun(o, run) {
+  const split = run === 'B';
+  const flushEnv = o.flushIntervalMs !== null ? { FLUSH_INTERVAL_MS: String(o.flushIntervalMs) } : {};
+  const flushMs = o.flushIntervalMs ?? SERVER_DEFAULT_FLUSH_MS;
+  const secret = newSecret();
+  let db = null;
+  let redis = null;
+  const gws = [];
+  let workersX = [];
+  let workersY = [];
+  let probe = null;
+  const agent = makeAgent(64);
+  try {
+    db = await createPostgresDatabase(o.pgUrl);
+    if (o.redisCluster) {
+      const c = await startRedisCluster({ bin: o.redisServer, cli: o.redisCli, masters: o.redisMasters });
+      redis = { kind: 'cluster', url: c.url, pids: c.pids, ports: c.ports, stop: c.stop };
+    } else {
+      const r = await startRedis({ bin: o.redisServer });
+      redis = { kind: 'single', url: r.url, pids: [r.pid], ports: [r.port], stop: r.stop };
+    }
+    log(`capacity ${run}: ${redis.kind === 'cluster' ? `Redis cluster of ${redis.pids.length} masters` : 'redis-server'} pid(s) ${redis.pids.join(', ')}; REDIS_URL=${redis.url}`);
+    const env = { ...flushEnv, REDIS_URL: redis.url };
+    for (let i = 0; i < 2; i++) {
+      gws.push(await startGateway({ bin: o.bin, engine: 'postgres', pgUrl: o.pgUrl, env, databaseUrl: db.url, secret }));
+    }
+    log(`capacity ${run}: nodes on ${db.name}: ${gws.map((g) => `${g.url} (pid ${g.pid})`).join(', ')}`);
+    const admin = mintToken(secret, { sub: 'bench-poster', org: ORG, role: 'admin' });
+    const units = unitIds(o.capacityUnits, 'k');
+    await createFixtures(gws[0], admin, units);
+    // Warm-up, before anything is measured or connected: one reading per unit, so the units'
+    // first-reading status events (and the pipeline's first allocations) are behind us and the
+    // load window holds only the readings' own events.
+    const warmup = await mustRequest(gws[0].url, 'POST', '/api/readings/ingest', {
+      token: admin,
+      agent,
+      body: { readings: units.map((unitId) => ({ unitId, temperature: temperature(), recordedAt: isoMs(Date.now() - 1000), deviceId: 'capacity-warmup' })) },
+    });
+    await sleep(2 * flushMs + 500);
+
+    const sum = (xs) => (xs.some((x) => x === null || x === undefined) ? null : xs.reduce((a, b) => a + b, 0));
+    const diff = (b, a) => b.map((x, i) => (x === null || a[i] === null ? null : x - a[i]));
+    const nodeCpu = () => gws.map((g) => cpuSeconds(g.pid));
+    const nodeRss = (field = 'VmRSS') => gws.map((g) => statusMiB(g.pid, field));
+    const redisCpu = () => sum(redis.pids.map((pid) => cpuSeconds(pid)));
+    const commandStats = () =>
+      redisCommandStats(redis.ports).catch((e) => {
+        log(`capacity ${run}: INFO commandstats failed: ${e.message}`);
+        return null;
+      });
+    const netBytes = () =>
+      redisNetBytes(redis.ports).catch((e) => {
+        log(`capacity ${run}: INFO stats failed: ${e.message}`);
+        return null;
+      });
+
+    // Clients. Org X: client i on xUrls[i % xUrls.length]; org Y: all on node 2.
+    const xUrls = split ? [gws[0].url, gws[1].url] : [gws[0].url];
+    const xTokens = Array.from({ length: o.capacityClients }, (_, i) => mintToken(secret, { sub: `dash-${i}`, org: ORG, role: 'admin' }));
+    const yTokens = Array.from({ length: o.capacityOtherClients }, (_, i) => mintToken(secret, { sub: `other-${i}`, org: ORG_OTHER, role: 'admin' }));
+    const xPerNode = [0, 1].map((n) => xTokens.filter((_, i) => i % xUrls.length === n).length);
+    const yPerNode = [0, yTokens.length];
+    const rssBefore = nodeRss();
+    const cpuConnect0 = nodeCpu();
+
+    // The probe: one more org X client, on node 1, on the main thread. The batch events it gets
+    // are the org's distinct batch events (each appended once, whatever the number of clients).
+    const probeCount = { events: 0, readings: 0 };
+    probe = io(gws[0].url, {
+      auth: { token: mintToken(secret, { sub: 'probe', org: ORG, role: 'admin' }) },
+      transports: ['websocket'],
+      forceNew: true,
+      reconnection: false,
+    });
+    probe.on('sensor:readings:batch', (batch) => {
+      probeCount.events++;
+      probeCount.readings += Array.isArray(batch?.readings) ? batch.readings.length : 0;
+    });
+    await new Promise((resolve, reject) => {
+      probe.once('connect', resolve);
+      probe.once('connect_error', reject);
+    });
+    const clientsPerNode = [xPerNode[0] + yPerNode[0] + 1, xPerNode[1] + yPerNode[1]];
+
+    log(`capacity ${run}: connecting org X ${xPerNode.join(' + ')} and org Y ${yPerNode.join(' + ')} clients (node 1 + node 2) at ~${o.connectRate}/s`);
+    const deviceNode = split ? { [CAPACITY_DEVICE(0)]: 0 } : null;
+    workersX = startWorkers(Math.min(o.workers, xTokens.length), xUrls, xTokens, o.connectRate, { deviceNode });
+    const connectsX = await Promise.all(workersX.map((w) => w.call('connect', 'connected')));
+    workersY = yTokens.length ? startWorkers(1, [gws[1].url], yTokens, o.connectRate) : [];
+    const connectsY = await Promise.all(workersY.map((w) => w.call('connect', 'connected')));
+    const connects = [...connectsX, ...connectsY];
+    const connectedX = connectsX.reduce((a, c) => a + c.connected, 0);
+    const connectedY = connectsY.reduce((a, c) => a + c.connected, 0);
+    const connectErrors = {};
+    for (const c of connects) for (const [k, v] of Object.entries(c.errors)) connectErrors[k] = (connectErrors[k] || 0) + v;
+    const maxMs = (cs) => cs.reduce((a, c) => Math.max(a, c.ms), 0);
+    const connectMs = maxMs(connectsX) + maxMs(connectsY); // one group after the other
+    const cpuConnect1 = nodeCpu();
+    await sleep(1000); // let the servers settle before sampling memory
+    const rssConnected = nodeRss();
+
+    // Idle window: everything connected, nothing posted. Two halves, to see how steady it is.
+    log(`capacity ${run}: ${connectedX} + ${connectedY} connected; RSS ${rssConnected.map((r) => round(r, 1)).join(' + ')} MiB; idle for ${o.capacityIdle} s`);
+    const cmdIdle0 = await commandStats();
+    const idleCpu0 = nodeCpu();
+    const idleRedis0 = redisCpu();
+    const idleStart = performance.now();
+    await sleep((o.capacityIdle * 1000) / 2);
+    const idleCpuMid = nodeCpu();
+    const idleRedisMid = redisCpu();
+    await sleep((o.capacityIdle * 1000) / 2);
+    const idleCpu1 = nodeCpu();
+    const idleRedis1 = redisCpu();
+    const idleSeconds = (performance.now() - idleStart) / 1000;
+    const cmdIdle1 = await commandStats();
+    const metrics0 = await nodeMetrics(gws);
+    await Promise.all([...workersX, ...workersY].map((w) => w.call('reset')));
+    const probe0 = { ...probeCount };
+
+    // Load window: every request to node 1.
+    log(`capacity ${run}: posting ${o.capacityRate} readings/s over ${units.length} units to node 1 for ${o.capacityDuration} s`);
+    const cmd0 = await commandStats();
+    const net0 = await netBytes();
+    const cpu0 = nodeCpu();
+    const redis0 = redisCpu();
+    const clientCpu0 = process.cpuUsage();
+    const machine0 = machineBusySeconds();
+    const started = performance.now();
+    const posting = await postOnSchedule({
+      started,
+      rate: o.capacityRate,
+      requestSize: o.capacityRequestSize,
+      duration: o.capacityDuration,
+      units,
+      token: admin,
+      agent,
+      urls: gws.map((g) => g.url),
+      target: () => 0,
+      deviceOf: CAPACITY_DEVICE,
+    });
+    const posted = sum(posting.postedPerNode);
+    const expected = posted * o.capacityClients;
+    const stats = await drainDeliveries(workersX, expected, flushMs);
+    // The probe is on this thread: give it a moment if it is behind.
+    for (let i = 0; i < 20 && probeCount.readings - probe0.readings < posted; i++) await sleep(100);
+    const windowSeconds = (performance.now() - started) / 1000;
+    const cpu1 = nodeCpu();
+    const redis1 = redisCpu();
+    const clientCpu = process.cpuUsage(clientCpu0);
+    const machine1 = machineBusySeconds();
+    const cmd1 = await commandStats();
+    const net1 = await netBytes();
+    const metrics1 = await nodeMetrics(gws);
+    const statsY = workersY.length ? await collectStats(workersY) : null;
+    const rssEnd = nodeRss();
+    const hwm = nodeRss('VmHWM');
+    const redisRss = sum(redis.pids.map((pid) => statusMiB(pid, 'VmRSS')));
+    const alive = gws.map((g) => g.alive());
+    // Without the warm-up's readings.
+    const stored = await postgresCount(db.url, 'SELECT count(*) AS count FROM readings')
+      .then((n) => n - (warmup?.accepted ?? 0))
+      .catch((e) => {
+        log(`capacity ${run}: could not count stored readings: ${e.message}`);
+        return null;
+      });
+
+    // The org's distinct batch events: what the probe got (one client that got everything).
+    const probeEvents = probeCount.events - probe0.events;
+    const probeReadings = probeCount.readings - probe0.readings;
+    const events = probeEvents > 0 ? probeEvents : null;
+    const perEvent = (s) => (events && s !== null && s !== undefined ? round((s / events) * 1e6, 1) : null);
+
+    // CPU: during the load, and the same beyond what the idle window's rate would have cost.
+    const nodeLoad = diff(cpu1, cpu0);
+    const nodeIdle = diff(idleCpu1, idleCpu0);
+    const nodeIdleHalves = [diff(idleCpuMid, idleCpu0), diff(idleCpu1, idleCpuMid)];
+    const nodeExtra = nodeLoad.map((c, n) => (c === null || nodeIdle[n] === null ? null : c - (nodeIdle[n] / idleSeconds) * windowSeconds));
+    const redisLoad = redis1 !== null && redis0 !== null ? redis1 - redis0 : null;
+    const redisIdle = idleRedis1 !== null && idleRedis0 !== null ? idleRedis1 - idleRedis0 : null;
+    const redisExtra = redisLoad !== null && redisIdle !== null ? redisLoad - (redisIdle / idleSeconds) * windowSeconds : null;
+
+    // Deliveries by node (X client i is on node i % xUrls.length).
+    const receivedPerNode = [0, 0];
+    const incompletePerNode = [0, 0];
+    const steady = { clients: 0, incomplete: 0, missing_deliveries: 0 };
+    stats.perClient.forEach((x, i) => {
+      const n = i % xUrls.length;
+      receivedPerNode[n] += x;
+      if (x !== posted) incompletePerNode[n]++;
+      if (stats.perClientDisconnected[i]) return;
+      steady.clients++;
+      if (x !== posted) steady.incomplete++;
+      steady.missing_deliveries += posted - x;
+    });
+    const incomplete = incompletePerNode[0] + incompletePerNode[1];
+    const completeness = expected === 0 ? null : round(stats.deliveries / expected, 6);
+    const total = stats.hist.reduce((a, b) => a + b, 0);
+    const perDelivery = (c, d) => (c === null || !d ? null : round((c / d) * 1e6, 3));
+    const batchMetric = (texts) => texts.map((t) => metricValue(t, 'sensorwire_events_emitted_total', 'event="sensor:readings:batch"'));
+    const liveMetric = (texts) => texts.map((t) => metricValue(t, 'sensorwire_events_emitted_total', 'event="sensor:reading"'));
+    const bench = (clientCpu.user + clientCpu.system) / 1e6;
+    const machineBusy = machine1 !== null && machine0 !== null ? machine1 - machine0 : null;
+    const postLat = percentiles(posting.latencies, [50, 99]);
+
+    const result = {
+      scenario: 'capacity',
+      run,
+      layout: split ? 'org X split over node 1 and node 2; org Y on node 2' : 'org X on node 1 only; org Y (no readings) on node 2',
+      redis: redis.kind,
+      redis_instances: redis.pids.length,
+      nodes: 2,
+      engine: 'postgres',
+      flush_interval_ms: flushMs,
+      org_x_clients_per_node: xPerNode,
+      org_y_clients_per_node: yPerNode,
+      probe_clients_per_node: [1, 0],
+      clients_connected: { org_x: connectedX, org_y: connectedY },
+      connect_errors: connectErrors,
+      connect_ms: connectMs,
+      units: units.length,
+      target_readings_per_s: o.capacityRate,
+      readings_per_request: o.capacityRequestSize,
+      posted_to: 'node 1',
+      post_duration_s: round(posting.postSeconds, 2),
+      posted_readings: posted,
+      stored_readings: stored,
+      warmup_readings: warmup?.accepted ?? null,
+      post_duplicates: posting.duplicates,
+      post_errors: posting.errors,
+      post_late_sends: posting.lateSends,
+      post_latency_ms: { p50: round(postLat[50], 1), p99: round(postLat[99], 1) },
+      // The org's distinct sensor:readings:batch events, and how they reached the clients.
+      batch_events: events,
+      probe_readings: probeReadings,
+      batch_events_per_org_x_client: connectedX ? round(stats.batchEvents / connectedX, 2) : null,
+      batch_events_emitted_per_node: diff(batchMetric(metrics1), batchMetric(metrics0)),
+      live_events_emitted_per_node: diff(liveMetric(metrics1), liveMetric(metrics0)),
+      expected_deliveries: expected,
+      received_deliveries: stats.deliveries,
+      received_per_node: receivedPerNode,
+      completeness,
+      exactly_once: completeness === 1 && stats.duplicates === 0 && incomplete === 0,
+      clients_incomplete_per_node: incompletePerNode,
+      duplicate_deliveries: stats.duplicates,
+      never_disconnected: steady,
+      disconnected_clients: stats.disconnectedClients + (statsY?.disconnectedClients ?? 0),
+      disconnect_reasons: stats.disconnects,
+      org_y_deliveries: statsY ? statsY.deliveries : null,
+      org_y_batch_events: statsY ? statsY.batchEvents : null,
+      latency_ms: { p50: histPercentile(stats.hist, total, 50), p99: histPercentile(stats.hist, total, 99), max: stats.maxLatency },
+      ...(split ? { latency_local_ms: histSummary(stats.histLocal, stats.maxLocal), latency_cross_node_ms: histSummary(stats.histRemote, stats.maxRemote) } : {}),
+      client_loop_delay_ms: { p99: round(stats.loopDelayP99Ms, 1), max: round(stats.loopDelayMaxMs, 1) },
+
+      // The figures of issue 16 (µs of CPU per distinct batch event of org X).
+      redis_cpu_us_per_batch_event: perEvent(redisLoad),
+      redis_cpu_us_per_batch_event_net_of_idle: perEvent(redisExtra),
+      redis_cpu_s_per_million_deliveries: perMillion(redisLoad, stats.deliveries),
+      node2_cpu_us_per_batch_event: perEvent(nodeExtra[1]),
+      node_cpu_us_per_batch_event: nodeExtra.map(perEvent),
+      node_cpu_us_per_delivery: nodeExtra.map((c, n) => perDelivery(c, receivedPerNode[n])),
+      node_cpu_us_per_delivery_gross: nodeLoad.map((c, n) => perDelivery(c, receivedPerNode[n])),
+      node_cpu_s_per_million_deliveries: perMillion(sum(nodeLoad), stats.deliveries),
+      rss_per_connection_kib: [0, 1].map((n) =>
+        rssBefore[n] === null || rssConnected[n] === null || !clientsPerNode[n] ? null : round(((rssConnected[n] - rssBefore[n]) * 1024) / clientsPerNode[n], 2),
+      ),
+      node_cpu_ms_per_connect: [0, 1].map((n) =>
+        cpuConnect1[n] === null || cpuConnect0[n] === null || !clientsPerNode[n] ? null : round(((cpuConnect1[n] - cpuConnect0[n]) * 1000) / clientsPerNode[n], 3),
+      ),
+
+      cpu: {
+        window_s: round(windowSeconds, 2),
+        idle_window_s: round(idleSeconds, 2),
+        node_cpu_s: nodeLoad.map((x) => round(x, 2)),
+        node_idle_cpu_s: nodeIdle.map((x) => round(x, 2)),
+        node_idle_cpu_s_halves: nodeIdleHalves.map((h) => h.map((x) => round(x, 2))),
+        node_extra_cpu_s: nodeExtra.map((x) => round(x, 3)),
+        redis_cpu_s: round(redisLoad, 3),
+        redis_idle_cpu_s: round(redisIdle, 3),
+        redis_idle_cpu_s_halves: [round(idleRedisMid - idleRedis0, 3), round(idleRedis1 - idleRedisMid, 3)],
+        redis_extra_cpu_s: round(redisExtra, 3),
+        bench_process_cpu_s: round(bench, 2),
+        ...(machineBusy !== null && Number.isFinite(machineBusy)
+          ? {
+              machine_busy_cores: round(machineBusy / windowSeconds, 2),
+              other_processes_cpu_cores: round(Math.max(0, machineBusy - (sum(nodeLoad) ?? 0) - (redisLoad ?? 0) - bench) / windowSeconds, 2),
+            }
+          : {}),
+      },
+      redis_commands: commandDelta(cmd1, cmd0, events),
+      // What Redis read from and wrote to its clients (the nodes) per batch event: a node that
+      // reads every organisation's events shows up in `out`.
+      redis_net_bytes_per_batch_event:
+        net0 && net1 && events ? { in: Math.round((net1.input - net0.input) / events), out: Math.round((net1.output - net0.output) / events) } : null,
+      redis_commands_idle: commandDelta(cmdIdle1, cmdIdle0, null, 6),
+      server_rss_before_mb: rssBefore.map((x) => round(x, 1)),
+      server_rss_connected_mb: rssConnected.map((x) => round(x, 1)),
+      server_rss_end_mb: rssEnd.map((x) => round(x, 1)),
+      server_rss_peak_mb: hwm.map((x) => round(x, 1)),
+      redis_rss_mb: round(redisRss, 1),
+      nodes_alive_at_end: alive,
+      server_log: null,
+    };
+    probe.close();
+    probe = null;
+    const all = [...workersX, ...workersY];
+    await Promise.all(all.map((w) => w.call('close', 'closed').catch(() => null)));
+    await Promise.all(all.map((w) => w.worker.terminate()));
+    workersX = [];
+    workersY = [];
+    await Promise.all(gws.map((g) => g.stop()));
+    result.server_log = gws.map((g) => serverLog(g));
+    return result;
+  } finally {
+    agent.destroy();
+    probe?.close();
+    await Promise.all([...workersX, ...workersY].map((w) => w.worker.terminate()));
+    await Promise.all(gws.map((g) => g.cleanup()));
+    if (redis) await redis.stop();
+    if (db) await dropPostgresDatabase(o.pgUrl, db.name).catch((e) => log(`could not drop ${db.name}: ${e.message}`));
+  }
+}
+
+/** The summary line: the issue's figures from runs A and B of the same invocation. */
+function capacitySummary(o, results) {
+  const ok = (run) => results.find((r) => r.run === run && !r.error) ?? null;
+  const A = ok('A');
+  const B = ok('B');
+  const both = (f) => ({ A: A ? f(A) : null, B: B ? f(B) : null });
+  const sub = (x, y) => (x === null || x === undefined || y === null || y === undefined ? null : round(x - y, 1));
+  const redisA = A?.redis_cpu_us_per_batch_event ?? null;
+  const node1A = A?.node_cpu_us_per_batch_event?.[0] ?? null;
+  const node2A = A?.node2_cpu_us_per_batch_event ?? null;
+  const notes = [];
+  const emitted2 = A?.batch_events_emitted_per_node?.[1];
+  if (A && emitted2 > 0) {
+    notes.push(`run A: node 2 emitted ${emitted2} sensor:readings:batch events (org X: ${A.batch_events}) though none of its sockets is in org X — it reads every organisation's events`);
+  }
+  for (const r of [A, B]) {
+    const pub = r?.redis_commands ? (r.redis_commands.publish?.calls ?? 0) + (r.redis_commands.spublish?.calls ?? 0) : 0;
+    if (pub > 0) {
+      notes.push(`run ${r.run}: Redis relayed ${pub} PUBLISH/SPUBLISH for ${r.posted_readings} readings (the live sensor:reading path goes through the Socket.io adapter) though no client subscribed to a unit or site`);
+    }
+  }
+  const live2 = A?.live_events_emitted_per_node?.[1];
+  if (A && live2 > 0) notes.push(`run A: node 2 emitted ${live2} live sensor:reading events of org X`);
+  for (const r of [A, B]) {
+    if (r && r.exactly_once === false) notes.push(`run ${r.run}: not exactly once (completeness ${r.completeness}, ${r.clients_incomplete_per_node.join(' + ')} incomplete clients)`);
+    if (r && r.org_y_deliveries) notes.push(`run ${r.run}: org Y clients received ${r.org_y_deliveries} readings of org X`);
+    if (r && r.batch_events !== null && r.batch_events_per_org_x_client !== null && Math.abs(r.batch_events_per_org_x_client - r.batch_events) > 0.01 * r.batch_events) {
+      notes.push(`run ${r.run}: the org X clients got ${r.batch_events_per_org_x_client} batch events each, the probe ${r.batch_events}`);
+    }
+  }
+  for (const r of results) if (r.error) notes.push(`run ${r.run}: ${r.error.split('\n')[0]}`);
+  return {
+    binary: o.bin,
+    redis: o.redisCluster ? `cluster, ${o.redisMasters} masters` : 'single',
+    load: `${o.capacityRate} readings/s over ${o.capacityUnits} units for ${o.capacityDuration} s, posted to node 1; org X ${o.capacityClients} clients, org Y ${o.capacityOtherClients} clients on node 2`,
+    batch_events: both((r) => r.batch_events),
+    // (1) Redis CPU per batch event, all Redis CPU of the load window / distinct batch events.
+    redis_cpu_us_per_batch_event: { ...both((r) => r.redis_cpu_us_per_batch_event), goal_le: 30, goal_met: redisA === null ? null : redisA <= 30 },
+    redis_cpu_us_per_batch_event_net_of_idle: both((r) => r.redis_cpu_us_per_batch_event_net_of_idle),
+    // What a second node following the org adds in Redis (B − A, net of idle).
+    redis_cpu_us_per_batch_event_per_extra_following_node: sub(B?.redis_cpu_us_per_batch_event_net_of_idle, A?.redis_cpu_us_per_batch_event_net_of_idle),
+    redis_cpu_s_per_million_deliveries: both((r) => r.redis_cpu_s_per_million_deliveries),
+    redis_net_bytes_per_batch_event: both((r) => r.redis_net_bytes_per_batch_event),
+    // (2) The extra CPU per event of a second node serving other organisations (run A, node 2).
+    node2_cpu_us_per_batch_event_other_orgs: node2A,
+    node1_cpu_us_per_batch_event_same_run: node1A,
+    node2_share_of_node1: node2A !== null && node1A ? round(node2A / node1A, 3) : null,
+    node2_cpu_us_per_batch_event_serving_org: B ? B.node2_cpu_us_per_batch_event : null,
+    node_cpu_us_per_delivery: both((r) => r.node_cpu_us_per_delivery),
+    rss_per_connection_kib: both((r) => r.rss_per_connection_kib),
+    exactly_once: both((r) => r.exactly_once),
+    batch_events_emitted_per_node: both((r) => r.batch_events_emitted_per_node),
+    notes,
+  };
+}
+
+// ---------------------------------------------------------------------------------------------
 
 async function main() {
   const o = options();
@@ -964,6 +1457,22 @@ async function main() {
       if (r.nodes > 1 && !r.error) r.redis_adapter_cost = adapterCost(r, single);
       emit(r);
     }
+  }
+  if (o.scenarios.includes('capacity')) {
+    // Runs A and B first, then their lines and the summary.
+    const results = [];
+    for (const run of o.capacityRuns) {
+      log(`capacity ${run}: 2 nodes + ${o.redisCluster ? `a Redis cluster (${o.redisMasters} masters)` : 'Redis'}, postgres, org X ${o.capacityClients} clients ${run === 'B' ? 'split over both nodes' : 'on node 1'}, org Y ${o.capacityOtherClients} on node 2, ${o.capacityRate} readings/s, ${o.capacityDuration} s`);
+      try {
+        results.push(await capacityRun(o, run));
+      } catch (e) {
+        failed = true;
+        log(e.stack ?? e);
+        results.push({ scenario: 'capacity', run, redis: o.redisCluster ? 'cluster' : 'single', error: String(e.message ?? e).slice(0, 2000) });
+      }
+    }
+    for (const r of results) emit(r);
+    emit({ scenario: 'capacity', summary: capacitySummary(o, results) });
   }
   process.exitCode = failed ? 1 : 0;
 }

@@ -8,7 +8,8 @@
 //!   however many nodes sweep, one `offline` alert opens;
 //! - the relay takes rows whose lease ran out — their node died between its commit and the
 //!   announcement, or lost its way out — and announces them. With several nodes any live node
-//!   may; the cluster stream keeps each event once (it drops a second copy of one outbox row).
+//!   may; the organisation's Redis stream keeps each event once (it drops a second copy of one
+//!   outbox row).
 //!
 //! Rows this node has handed to the emitter and not yet deleted are "in flight": it renews their
 //! leases, and its own relay skips them, so a slow emitter makes no node announce them twice.

@@ -538,6 +538,7 @@ impl<A: Adapter> Feed<A> {
     /// After a reconnect or a lag: each followed organisation checked for loss and read up to
     /// the end of its stream.
     async fn catch_up_all(&self, state: &mut State) -> bool {
+        self.log.refresh_topology().await;
         let orgs: Vec<String> = state.orgs.keys().cloned().collect();
         for org in orgs {
             if !self.catch_up(state, &org).await {

@@ -288,6 +288,17 @@ impl RedisLog {
             .await
     }
 
+    /// On a Redis Cluster, reads which master holds which slots now (after a failover the
+    /// cached map may still name the failed master).
+    pub async fn refresh_topology(&self) {
+        use fred::interfaces::ClusterInterface;
+        if self.client.cached_cluster_state().is_some()
+            && let Err(e) = self.client.sync_cluster().await
+        {
+            tracing::debug!(error = %e, "reading the cluster's slots failed");
+        }
+    }
+
     /// The Redis server that holds `org`'s keys, on a Redis Cluster (`None` otherwise).
     pub fn server_of(&self, org: &str) -> Option<String> {
         use fred::interfaces::ClusterInterface;
