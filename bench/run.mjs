@@ -1370,7 +1370,7 @@ function capacitySummary(o, results) {
   for (const r of [A, B]) {
     const pub = r?.redis_commands ? (r.redis_commands.publish?.calls ?? 0) + (r.redis_commands.spublish?.calls ?? 0) : 0;
     if (pub > 0) {
-      notes.push(`run ${r.run}: Redis relayed ${pub} PUBLISH/SPUBLISH for ${r.posted_readings} readings (the live sensor:reading path goes through the Socket.io adapter) though no client subscribed to a unit or site`);
+      notes.push(`run ${r.run}: Redis relayed ${pub} PUBLISH/SPUBLISH for ${r.posted_readings} readings (organisation event announcements, plus live readings published per site per emitter run — through the Socket.io adapter before issue 16) though no client subscribed to a unit or site`);
     }
   }
   const live2 = A?.live_events_emitted_per_node?.[1];
