@@ -302,9 +302,10 @@ async fn run_cluster<A: Adapter>(
                             .ok();
                     }
                 }
-                Some(Fed::Stopped { org }) => {
+                Some(Fed::Unavailable { org } | Fed::Stopped { org }) => {
                     delivered.remove(&org);
-                    // Their sockets left before the start was through.
+                    // Redis is away, or their sockets left before the start was through: no
+                    // replay can be trusted, and nothing is held waiting for one.
                     for command in deferred.remove(&org).unwrap_or_default() {
                         handle(&io, command, &requeue, |_, _, _| async { Ok(Replay::Lost) }).await;
                     }

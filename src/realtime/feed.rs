@@ -174,6 +174,9 @@ pub enum Fed {
     },
     /// Events of `org` may be missing; delivery goes on from `at`.
     Lost { org: String, at: Offset },
+    /// Following `org` could not start (Redis is away): replays asked for meanwhile are
+    /// answered `recovered: false` rather than held. The start is retried.
+    Unavailable { org: String },
     /// The last socket of `org` left this node.
     Stopped { org: String },
 }
@@ -437,7 +440,10 @@ impl<A: Adapter> Feed<A> {
                 for w in followed.waiting.drain(..) {
                     w.send(()).ok();
                 }
-                true
+                self.send(Fed::Unavailable {
+                    org: org.to_string(),
+                })
+                .await
             }
         }
     }
@@ -570,15 +576,25 @@ impl<A: Adapter> Feed<A> {
                 org,
                 "redis lost events of an organisation (restart or failover); its dashboards here refetch"
             );
-            *position = Position {
-                delivered: head,
-                epoch,
-                server,
-            };
+            position.epoch = epoch;
+            position.server = server;
+            if head < position.delivered {
+                position.delivered = head;
+            }
+            // What the stream still has (or has anew) is delivered first; the word to refetch
+            // covers whatever it lost.
+            if !self.fill(state, org).await {
+                return false;
+            }
+            let at = state
+                .orgs
+                .get(org)
+                .and_then(|f| f.position.as_ref())
+                .map_or(head, |p| p.delivered);
             return self
                 .send(Fed::Lost {
                     org: org.to_string(),
-                    at: head,
+                    at,
                 })
                 .await;
         }
