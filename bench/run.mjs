@@ -517,21 +517,7 @@ async function e2eRun(o) {
 
     // Drain: wait for the last flush windows, until every client has everything or nothing moves.
     const expected = posted * o.clients;
-    let stats = await collectStats(workers);
-    let lastChange = performance.now();
-    let last = stats.deliveries;
-    const drainStart = performance.now();
-    while (stats.deliveries < expected) {
-      await sleep(250);
-      stats = await collectStats(workers);
-      if (stats.deliveries !== last) {
-        last = stats.deliveries;
-        lastChange = performance.now();
-      }
-      const sinceChange = performance.now() - lastChange;
-      const sinceDrain = performance.now() - drainStart;
-      if ((sinceChange > 3 * flushMs + 2000 && sinceDrain > 2 * flushMs) || sinceDrain > 30_000) break;
-    }
+    const stats = await drainDeliveries(workers, expected, flushMs);
     const windowSeconds = (performance.now() - started) / 1000;
     const cpu1 = cpuSeconds(gw.pid);
     const clientCpu = process.cpuUsage(clientCpu0);

@@ -324,6 +324,22 @@ async function unusedPort() {
 }
 
 /**
+ * Nodes A, B and C on one database and one Redis: A first (it runs the migrations), then B and C
+ * together. Each node goes into `started` as soon as it is up, so the suite's `after` stops it
+ * even when a later one fails to start.
+ */
+export async function startThreeNodes({ databaseUrl, redisUrl, secret, started }) {
+  const start = async (name) => {
+    const node = await startNode({ name, databaseUrl, redisUrl, secret });
+    started.push(node);
+    return node;
+  };
+  const A = await start('A');
+  const [B, C] = await Promise.all([start('B'), start('C')]);
+  return [A, B, C];
+}
+
+/**
  * Starts one node: `sensorwire serve` on 127.0.0.1 with a port no earlier node of this process
  * used (retried once if the port was taken meanwhile). Resolves a handle `{ name, url, secret,
  * child, exited, sockets, alive(), stop(), stderr() }` usable with harness.js `api`/`connect`.

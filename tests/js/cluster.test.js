@@ -33,6 +33,7 @@ import {
   reading,
   requirePrerequisites,
   startNode,
+  startThreeNodes,
   startRedis,
   tcpProxy,
 } from './cluster-helpers.js';
@@ -96,15 +97,8 @@ clusterSuite('cluster: three nodes, one PostgreSQL, one Redis', () => {
     redis = await startRedis();
     db = await createDatabase();
     secret = newSecret();
-    // One node first (it runs the migrations), then the two others.
-    const start = async (name) => {
-      const node = await startNode({ name, databaseUrl: db.url, redisUrl: redis.url, secret });
-      started.push(node); // stopped by `after` even if a later node fails to start
-      return node;
-    };
-    A = await start('A');
-    [B, C] = await Promise.all([start('B'), start('C')]);
-    nodes = [A, B, C];
+    nodes = await startThreeNodes({ databaseUrl: db.url, redisUrl: redis.url, secret, started });
+    [A, B, C] = nodes;
     org = `org-${randomId(4)}`;
     admin = mintToken({ secret, sub: 'admin', org, role: 'admin' });
     operator = mintToken({ secret, sub: 'operator', org, role: 'operator' });

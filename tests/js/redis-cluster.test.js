@@ -49,7 +49,7 @@ import {
   newSecret,
   pollUntil,
   requirePrerequisites,
-  startNode,
+  startThreeNodes,
 } from './cluster-helpers.js';
 import { ingest, ingestOk, reading, storedReadings } from './pipeline-helpers.js';
 import { assertStrictlyIncreasing, compareOffsets, offsetClient, startPump } from './recovery-helpers.js';
@@ -118,15 +118,8 @@ clusterSuite('redis cluster: three gateway nodes on a three-master Redis Cluster
     cluster = await startRedisCluster({ masters: 3, replicas: 1 });
     db = await createDatabase();
     secret = newSecret();
-    // One node first (it runs the migrations), then the two others.
-    const start = async (name) => {
-      const node = await startNode({ name, databaseUrl: db.url, redisUrl: cluster.url, secret });
-      started.push(node); // stopped by `after` even if a later node fails to start
-      return node;
-    };
-    A = await start('A');
-    [B, C] = await Promise.all([start('B'), start('C')]);
-    nodes = [A, B, C];
+    nodes = await startThreeNodes({ databaseUrl: db.url, redisUrl: cluster.url, secret, started });
+    [A, B, C] = nodes;
   }, { timeout: 120_000 });
 
   afterEach(() => {
