@@ -46,6 +46,9 @@ const READY_WAIT: Duration = Duration::from_secs(3);
 /// How often starts that failed are tried again.
 const RETRY_EVERY: Duration = Duration::from_secs(1);
 
+/// The second read of every followed stream after a reconnect.
+const RECHECK_AFTER: Duration = Duration::from_secs(3);
+
 /// A change of what this node follows.
 pub enum Op {
     Follow {
@@ -269,6 +272,7 @@ impl<A: Adapter> Feed<A> {
         crate::observe::cluster_org_event_received(0);
         crate::observe::cluster_live_received(0);
         crate::observe::orgs_followed(0);
+        let mut recheck = None;
         loop {
             let alive = tokio::select! {
                 op = ops.recv() => match op {
@@ -286,13 +290,24 @@ impl<A: Adapter> Feed<A> {
                 reconnect = reconnects.recv() => match reconnect {
                     Ok(_) => {
                         // Resubscribing happens elsewhere (`cluster.rs`); what was published
-                        // meanwhile is read from the streams once it is done.
+                        // meanwhile is read from the streams once it is done — and once more a
+                        // little later, for what fell between the read and a subscription that
+                        // was restored late (an organisation that then goes quiet would
+                        // otherwise have it only with its next event).
                         self.wait_resubscribed().await;
+                        recheck = Some(tokio::time::Instant::now() + RECHECK_AFTER);
                         self.catch_up_all(&mut state).await
                     }
                     Err(_) => true,
                 },
-                _ = retry.tick() => self.retry_starts(&mut state).await,
+                _ = retry.tick() => {
+                    if recheck.is_some_and(|at| at <= tokio::time::Instant::now()) {
+                        recheck = None;
+                        self.catch_up_all(&mut state).await
+                    } else {
+                        self.retry_starts(&mut state).await
+                    }
+                }
             };
             if !alive {
                 break;
@@ -302,6 +317,9 @@ impl<A: Adapter> Feed<A> {
     }
 
     async fn wait_resubscribed(&self) {
+        // The resubscribing task hears of the reconnect at the same time; give it the moment
+        // to say it is at work before asking whether it is done.
+        tokio::time::sleep(Duration::from_millis(100)).await;
         for _ in 0..100 {
             if self.health.is_up() {
                 return;
