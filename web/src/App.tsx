@@ -104,13 +104,22 @@ function ConnectionBanner({ since }: { since: number | null }) {
   const { state, connectionError } = useRealtime();
   const now = useNow();
   if (since == null && state !== 'disconnected') return null;
-  const at = since ?? now;
+  const retry = `Trying to reconnect${connectionError ? ` (${connectionError})` : ''}…`;
+  if (since == null) {
+    // Never connected in this tab: nothing on screen is live yet.
+    return (
+      <div className="conn-banner" role="status" data-testid="connection-banner">
+        <strong>Not connected to the gateway.</strong>
+        <span>{retry}</span>
+      </div>
+    );
+  }
+  const at = new Date(since).toISOString();
   return (
     <div className="conn-banner" role="status" data-testid="connection-banner">
       <strong>Not connected — the values below are not live.</strong>
       <span>
-        They were last updated {formatRelative(new Date(at).toISOString(), now)} ({formatClock(new Date(at).toISOString())}).
-        Trying to reconnect{connectionError ? ` (${connectionError})` : ''}…
+        They were last updated {formatRelative(at, now)} ({formatClock(at)}). {retry}
       </span>
     </div>
   );
