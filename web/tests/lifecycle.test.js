@@ -256,7 +256,8 @@ describe('alert lifecycle and layout (Chromium, real gateway)', () => {
     await done();
   });
 
-  it('toasts never cover the current reading (desktop: beside the content)', async () => {
+  it('toasts never cover the current reading (desktop: beside the content); dismissing is per tab', async () => {
+    const other = await open('toasts-other');
     const { page } = await open('toasts', { path: '/units/fridge-2' });
     await page.locator(byTestId('unit-temp-fridge-2')).waitFor({ timeout: 5000 });
     const ids = [];
@@ -275,13 +276,20 @@ describe('alert lifecycle and layout (Chromium, real gateway)', () => {
     // Stacked: no two toasts overlap each other.
     const boxes = await Promise.all(ids.map((id) => page.locator(byTestId(`toast-${id}`)).boundingBox()));
     for (let i = 0; i < boxes.length; i++) for (let j = i + 1; j < boxes.length; j++) assert.ok(!overlaps(boxes[i], boxes[j]));
+    // Dismissed in one tab, still shown in the other.
+    await other.page.locator(byTestId(`toast-${ids[0]}`)).waitFor({ timeout: 3000 });
+    await page.locator(byTestId(`toast-${ids[0]}`)).locator('button[aria-label="Dismiss"]').click();
+    await page.locator(byTestId(`toast-${ids[0]}`)).waitFor({ state: 'detached', timeout: 2000 });
+    await sleep(300);
+    assert.equal(await other.page.locator(byTestId(`toast-${ids[0]}`)).count(), 1, 'the other tab keeps its toast');
+    ids.shift();
     // On the dashboard too: no toast over any card's reading.
     await page.locator(byTestId('back-link')).click();
+    await page.locator(byTestId('unit-temp-fridge-1')).waitFor({ timeout: 3000 });
+    const toastBoxes = await Promise.all(ids.map((id) => page.locator(byTestId(`toast-${id}`)).boundingBox()));
     for (const u of UNITS) {
       const temp = await page.locator(byTestId(`unit-temp-${u.id}`)).boundingBox();
-      for (const b of boxes.length ? await Promise.all(ids.map((id) => page.locator(byTestId(`toast-${id}`)).boundingBox())) : []) {
-        assert.ok(!overlaps(b, temp), `a toast covers ${u.id}'s reading`);
-      }
+      for (const b of toastBoxes) assert.ok(!overlaps(b, temp), `a toast covers ${u.id}'s reading`);
     }
     await screenshot(page, 'toasts-desktop');
     await gw.ingest([
@@ -318,6 +326,10 @@ describe('alert lifecycle and layout (Chromium, real gateway)', () => {
     await page.locator(byTestId('unit-chart')).waitFor({ timeout: 5000 });
     const chart = await page.locator(byTestId('unit-chart')).boundingBox();
     assert.ok(chart.width >= phone.width - 60, `the chart uses the width: ${chart.width}`);
+    assert.ok(chart.height >= 180, `the chart keeps a readable height: ${chart.height}`);
+    // Drawn at its own size: the axis labels are not scaled down.
+    const label = await page.locator(`${byTestId('unit-chart')} .chart-label`).first().boundingBox();
+    assert.ok(label.height >= 10, `axis labels readable: ${label.height}px`);
     assert.ok(await noHScroll(), 'no horizontal scroll on the unit page');
     assert.equal(await page.locator(`${byTestId('recent-readings')} th.col-source`).isVisible(), false, 'the table drops the source column');
     await screenshot(page, 'phone-unit');

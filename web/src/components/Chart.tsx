@@ -1,9 +1,9 @@
-import { useMemo, useRef, useState, type MouseEvent } from 'react';
+import { useEffect, useMemo, useRef, useState, type MouseEvent, type RefObject } from 'react';
 import { formatClock, formatDateTime, formatTemp } from '../lib/time';
 import type { SensorReading } from '../types';
 
-const W = 640;
-const H = 220;
+/** The drawing's width when the element's is not known yet (the first render). */
+const DEFAULT_W = 640;
 const PAD = { top: 12, right: 12, bottom: 26, left: 44 };
 /** More points than this are reduced (per pixel-wide bucket: its lowest and highest reading). */
 export const MAX_DRAWN_POINTS = 600;
@@ -37,6 +37,11 @@ export function Chart({
   const drawn = useMemo(() => downsample(readings, MAX_DRAWN_POINTS), [readings]);
   const [hover, setHover] = useState<number | null>(null);
   const svgRef = useRef<SVGSVGElement>(null);
+  const wrapRef = useRef<HTMLDivElement>(null);
+  // Drawn at the element's own width (one unit = one CSS pixel), so the labels keep their size on
+  // a phone instead of shrinking with a scaled-down picture.
+  const W = useWidth(wrapRef) ?? DEFAULT_W;
+  const H = W < 500 ? 200 : 240;
 
   const temps = drawn.map((r) => r.temperature);
   const bounds = [...temps, ...(tempMin != null ? [tempMin] : []), ...(tempMax != null ? [tempMax] : [])];
@@ -86,7 +91,7 @@ export function Chart({
   const h = hover != null && hover < drawn.length ? hover : null;
 
   return (
-    <div className="chart-wrap">
+    <div className="chart-wrap" ref={wrapRef}>
       <svg
         ref={svgRef}
         className="chart"
@@ -161,6 +166,21 @@ export function Chart({
       )}
     </div>
   );
+}
+
+function useWidth(ref: RefObject<HTMLElement | null>): number | null {
+  const [width, setWidth] = useState<number | null>(null);
+  useEffect(() => {
+    const el = ref.current;
+    if (!el) return;
+    const ro = new ResizeObserver(([entry]) => {
+      const w = Math.round(entry.contentRect.width);
+      if (w > 0) setWidth(w);
+    });
+    ro.observe(el);
+    return () => ro.disconnect();
+  }, [ref]);
+  return width;
 }
 
 function axisLabel(t: number, span: number): string {
