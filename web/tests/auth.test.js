@@ -93,6 +93,37 @@ describe('demo mode (sensorwire demo)', () => {
   });
 });
 
+describe('demo mode: a token of another user is never swapped for the demo identity', () => {
+  let gw;
+  let p;
+  before(async () => {
+    gw = new Gateway({ command: 'demo' });
+    await gw.start();
+  });
+  after(async () => {
+    await p?.context.close().catch(() => {});
+    await gw?.dispose();
+  });
+
+  it('keeps the pasted user past the renewal point (the demo token is for someone else)', async () => {
+    // 65 s left: the renewal is due 5 s after the handshake. The demo endpoint would hand out
+    // `demo-viewer`; this token is carol's, so the app keeps it (and asks for a new one at expiry).
+    const carol = mintToken(gw.secret, { sub: 'carol', org: 'demo', role: 'operator', expSeconds: 65 });
+    p = await openPage(browser, 'same-user');
+    const sent = [];
+    p.page.on('websocket', (ws) => ws.on('framesent', (f) => sent.push(String(f.payload))));
+    await p.page.goto(`${gw.url}/#token=${carol}`);
+    await waitForAttr(p.page, 'connection-status', 'data-state', 'connected', 10_000);
+    assert.equal(await p.page.locator(byTestId('signed-in-sub')).textContent(), 'carol');
+    await sleep(8000);
+    assert.equal(await p.page.evaluate(() => sessionStorage.getItem('sensorwire.token')), carol, 'the token was swapped');
+    assert.equal(await p.page.locator(byTestId('signed-in-sub')).textContent(), 'carol');
+    assert.deepEqual(sent.filter((f) => f.includes('auth:refresh')), [], 'no auth:refresh with another identity');
+    assert.equal(await p.page.locator(byTestId('connection-status')).getAttribute('data-state'), 'connected');
+    assert.deepEqual(p.console.errors, []);
+  });
+});
+
 async function waitFor(fn, timeout, what) {
   const deadline = Date.now() + timeout;
   for (;;) {

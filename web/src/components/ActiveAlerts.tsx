@@ -3,8 +3,7 @@ import { useActiveAlerts, useUnits } from '../lib/queries';
 import { Link, unitPath } from '../lib/router';
 import { useStore } from '../lib/store';
 import { formatRelative, formatTemp, useNow } from '../lib/time';
-
-const TYPE_LABEL = { temp_high: 'Too warm', temp_low: 'Too cold', offline: 'Offline' } as const;
+import { TYPE_LABEL } from './Alerts';
 
 export function ActiveAlerts() {
   const alerts = useActiveAlerts();
@@ -42,10 +41,19 @@ export function ActiveAlerts() {
                 {a.value != null && <span>{formatTemp(a.value)}</span>}
                 <span title={new Date(a.triggeredAt).toLocaleString()}>{formatRelative(a.triggeredAt, now)}</span>
               </div>
+              {a.acknowledgedAt && (
+                <div className="alert-acked" data-testid={`active-alert-ack-${a.alertId}`}>
+                  ✓ Acknowledged by {a.acknowledgedBy}
+                  {a.note ? `: “${a.note}”` : ''}
+                </div>
+              )}
             </Link>
           </li>
         ))}
       </ul>
+      <Link to="/alerts" className="all-alerts-link" data-testid="all-alerts-link">
+        Alert history and acknowledgements →
+      </Link>
     </aside>
   );
 }

@@ -1,4 +1,6 @@
-import { Link } from '../lib/router';
+import { Link, matchRoute, usePath } from '../lib/router';
+import { useStore } from '../lib/store';
+import { currentClaims, tokenStatus } from '../lib/token';
 import { useActiveAlerts } from '../lib/queries';
 import { useRealtime } from '../realtime/RealtimeProvider';
 
@@ -8,6 +10,9 @@ export function Header() {
   const { state, connectionError } = useRealtime();
   const alerts = useActiveAlerts();
   const count = alerts.data?.length ?? 0;
+  const route = matchRoute(usePath()).name;
+  useStore(tokenStatus); // re-read the claims when the token changes
+  const claims = currentClaims();
   const title =
     state === 'connected'
       ? 'Live: receiving readings and alerts'
@@ -22,7 +27,26 @@ export function Header() {
         <span className="brand-name">sensorwire</span>
         <span className="brand-sub">Cold-chain monitor</span>
       </Link>
+      <nav className="nav" aria-label="Main">
+        <Link to="/" className="nav-link" aria-current={route === 'dashboard' ? 'page' : undefined} data-testid="nav-units">
+          Units
+        </Link>
+        <Link to="/alerts" className="nav-link" aria-current={route === 'alerts' ? 'page' : undefined} data-testid="nav-alerts">
+          Alerts
+        </Link>
+      </nav>
       <div className="header-right">
+        {claims?.sub && (
+          <span className="who" data-testid="signed-in" title={`Signed in as ${claims.sub} (${claims.role ?? 'viewer'}) in ${claims.org_id}`}>
+            <span className="who-sub" data-testid="signed-in-sub">
+              {claims.sub}
+            </span>
+            <span className="who-org" data-testid="signed-in-org">
+              {claims.org_id}
+              {claims.role && claims.role !== 'viewer' ? ` · ${claims.role}` : ''}
+            </span>
+          </span>
+        )}
         <span
           className={`alert-count ${count > 0 ? 'has-alerts' : ''}`}
           data-testid="alert-count"

@@ -1,10 +1,13 @@
+import { useSparkReadings } from '../lib/queries';
 import { Link, unitPath } from '../lib/router';
 import { formatRange, formatRelative, formatTemp, useNow } from '../lib/time';
 import type { Unit } from '../types';
+import { Sparkline } from './Chart';
 import { StatusBadge } from './StatusBadge';
 
 export function UnitCard({ unit }: { unit: Unit }) {
   const now = useNow();
+  const spark = useSparkReadings(unit.id);
   const stale =
     unit.lastReadingAt != null && now - Date.parse(unit.lastReadingAt) > unit.offlineAfterSeconds * 1000;
   return (
@@ -20,6 +23,9 @@ export function UnitCard({ unit }: { unit: Unit }) {
       </div>
       <div className="unit-temp" data-testid={`unit-temp-${unit.id}`}>
         {formatTemp(unit.lastTemperature)}
+      </div>
+      <div data-testid={`unit-spark-${unit.id}`}>
+        <Sparkline readings={spark.data ?? []} />
       </div>
       <div className="card-meta">
         <span className="range" title="Safe range">

@@ -1,8 +1,19 @@
-import { useRecentReadings, useSites, useUnits } from '../lib/queries';
+import { useMemo, useState } from 'react';
+import {
+  RANGES,
+  RANGE_LIMIT,
+  useRangeReadings,
+  useRecentReadings,
+  useSites,
+  useUnitAlerts,
+  useUnits,
+  type RangeKey,
+} from '../lib/queries';
 import { Link } from '../lib/router';
 import { formatDateTime, formatRange, formatRelative, formatTemp, useNow } from '../lib/time';
 import { useRoom } from '../realtime/RealtimeProvider';
-import { Chart } from './Chart';
+import { AlertTable } from './Alerts';
+import { Chart, type Excursion } from './Chart';
 import { StatusBadge } from './StatusBadge';
 
 const RECENT = 15;
@@ -13,6 +24,24 @@ export function UnitDetail({ unitId }: { unitId: string }) {
   const readings = useRecentReadings(unitId);
   const ack = useRoom('unit', unitId);
   const now = useNow();
+  const [range, setRange] = useState<RangeKey | null>(null);
+  const ranged = useRangeReadings(unitId, range);
+  const alerts = useUnitAlerts(unitId);
+  const unitAlerts = useMemo(() => (alerts.data?.pages ?? []).flatMap((p) => p.alerts), [alerts.data]);
+  const excursions = useMemo<Excursion[]>(
+    () =>
+      unitAlerts
+        .filter((a) => a.alertType !== 'offline')
+        .map((a) => ({ from: Date.parse(a.triggeredAt), to: a.resolvedAt ? Date.parse(a.resolvedAt) : null })),
+    [unitAlerts],
+  );
+  const rangeSeconds = RANGES.find((r) => r.key === range)?.seconds ?? 0;
+  const windowStart = now - rangeSeconds * 1000;
+  const rangeList = useMemo(
+    () => (ranged.data ?? []).filter((r) => Date.parse(r.recordedAt) >= windowStart),
+    // The window slides every second; refilter when it has moved by a noticeable step.
+    [ranged.data, Math.floor(windowStart / 5000)],
+  );
 
   const unit = units.data?.find((u) => u.id === unitId);
   const site = sites.data?.find((s) => s.id === unit?.siteId);
@@ -61,16 +90,47 @@ export function UnitDetail({ unitId }: { unitId: string }) {
         <section className="panel">
           <div className="panel-head">
             <h2>Temperature</h2>
-            <span className="live-tag" data-live={ack?.ok ? 'true' : 'false'}>
-              <span className="live-dot" /> {ack?.ok ? 'Live' : 'Waiting'}
-            </span>
+            <div className="range-choice" role="group" aria-label="Time range" data-testid="range-choice">
+              <button aria-pressed={range === null} data-testid="range-live" onClick={() => setRange(null)}>
+                <span className="live-tag" data-live={ack?.ok ? 'true' : 'false'}>
+                  <span className="live-dot" /> {ack?.ok ? 'Live' : 'Waiting'}
+                </span>
+              </button>
+              {RANGES.map((r) => (
+                <button key={r.key} aria-pressed={range === r.key} data-testid={`range-${r.key}`} onClick={() => setRange(r.key)}>
+                  {r.label}
+                </button>
+              ))}
+            </div>
           </div>
-          {readings.isPending ? (
-            <div className="chart-wrap skeleton" />
-          ) : readings.error ? (
-            <p className="error-text">Could not load readings: {readings.error.message}</p>
+          {range === null ? (
+            readings.isPending ? (
+              <div className="chart-wrap skeleton" />
+            ) : readings.error ? (
+              <p className="error-text">Could not load readings: {readings.error.message}</p>
+            ) : (
+              <Chart readings={list} tempMin={unit?.tempMin ?? null} tempMax={unit?.tempMax ?? null} excursions={excursions} />
+            )
+          ) : ranged.isPending ? (
+            <div className="chart-wrap skeleton" data-testid="chart-loading" />
+          ) : ranged.error ? (
+            <p className="error-text">Could not load readings: {ranged.error.message}</p>
           ) : (
-            <Chart readings={list} tempMin={unit?.tempMin ?? null} tempMax={unit?.tempMax ?? null} />
+            <>
+              <Chart
+                readings={rangeList}
+                tempMin={unit?.tempMin ?? null}
+                tempMax={unit?.tempMax ?? null}
+                excursions={excursions}
+                window={{ start: windowStart, end: now }}
+                range={range}
+              />
+              {(ranged.data?.length ?? 0) >= RANGE_LIMIT && (
+                <p className="chart-note muted" data-testid="chart-truncated">
+                  Showing the newest {RANGE_LIMIT.toLocaleString()} readings of this period.
+                </p>
+              )}
+            </>
           )}
           {unit && (
             <dl className="facts">
@@ -84,7 +144,7 @@ export function UnitDetail({ unitId }: { unitId: string }) {
               </div>
               <div>
                 <dt>Points shown</dt>
-                <dd>{list.length}</dd>
+                <dd>{range === null ? list.length : rangeList.length}</dd>
               </div>
             </dl>
           )}
@@ -100,8 +160,8 @@ export function UnitDetail({ unitId }: { unitId: string }) {
                 <tr>
                   <th>Time</th>
                   <th className="num">Temp</th>
-                  <th className="num">Humidity</th>
-                  <th>Source</th>
+                  <th className="num col-humidity">Humidity</th>
+                  <th className="col-source">Source</th>
                 </tr>
               </thead>
               <tbody>
@@ -114,8 +174,8 @@ export function UnitDetail({ unitId }: { unitId: string }) {
                     <tr key={r.id} className={out ? 'out' : ''}>
                       <td>{formatDateTime(r.recordedAt)}</td>
                       <td className="num">{formatTemp(r.temperature)}</td>
-                      <td className="num">{r.humidity != null ? `${r.humidity.toFixed(0)} %` : '—'}</td>
-                      <td className="muted">{r.deviceId ?? r.source}</td>
+                      <td className="num col-humidity">{r.humidity != null ? `${r.humidity.toFixed(0)} %` : '—'}</td>
+                      <td className="muted col-source">{r.deviceId ?? r.source}</td>
                     </tr>
                   );
                 })}
@@ -124,6 +184,24 @@ export function UnitDetail({ unitId }: { unitId: string }) {
           )}
         </section>
       </div>
+
+      <section className="panel unit-alerts" data-testid="unit-alerts">
+        <h2>Alerts of this unit</h2>
+        {alerts.isPending ? (
+          <p className="muted">Loading…</p>
+        ) : alerts.error ? (
+          <p className="error-text">Could not load alerts: {alerts.error.message}</p>
+        ) : unitAlerts.length === 0 ? (
+          <p className="muted">No alerts yet.</p>
+        ) : (
+          <AlertTable alerts={unitAlerts} hideUnit testId="unit-alert-list" />
+        )}
+        {alerts.hasNextPage && (
+          <button className="secondary load-more" onClick={() => void alerts.fetchNextPage()} disabled={alerts.isFetchingNextPage}>
+            Load more
+          </button>
+        )}
+      </section>
     </div>
   );
 }

@@ -1,6 +1,8 @@
 import type { QueryClient } from '@tanstack/react-query';
+import type { InfiniteData } from '@tanstack/react-query';
 import type {
   Alert,
+  AlertAcknowledged,
   AlertResolved,
   AlertTriggered,
   ReadingsBatch,
@@ -21,13 +23,33 @@ export const keys = {
   units: ['units'] as const,
   activeAlerts: ['alerts', 'active'] as const,
   readings: (unitId: string) => ['readings', unitId] as const,
+  /** A unit's readings over a time range (the chart's 15 min … 7 days choice). */
+  range: (unitId: string, range: string) => ['range', unitId, range] as const,
+  /** The small chart of a unit card. */
+  spark: (unitId: string) => ['spark', unitId] as const,
+  /** Alert history pages (`GET /api/alerts?status=…&unitId=…`, paged by `X-Next-Cursor`). */
+  historyAll: ['alerts', 'history'] as const,
+  history: (f: HistoryFilter) => ['alerts', 'history', f.status ?? 'all', f.unitId ?? ''] as const,
 };
+
+export interface HistoryFilter {
+  status?: 'active' | 'resolved';
+  unitId?: string;
+}
+
+export interface HistoryPage {
+  alerts: Alert[];
+  nextCursor: string | null;
+}
+
+export const SPARK_POINTS = 30;
 
 /** What arrived live, with when (client clock), so a refetch started earlier does not undo it. */
 const journal = {
   status: new Map<string, { status: UnitStatusChanged; at: number }>(),
   triggered: new Map<string, { alert: Alert; at: number }>(),
   resolved: new Map<string, number>(),
+  acknowledged: new Map<string, { ack: AlertAcknowledged; at: number }>(),
   pendingReadings: new Map<string, SensorReading[]>(),
 };
 
@@ -37,6 +59,7 @@ function prune(now: number) {
   for (const [k, v] of journal.status) if (now - v.at > JOURNAL_TTL_MS) journal.status.delete(k);
   for (const [k, v] of journal.triggered) if (now - v.at > JOURNAL_TTL_MS) journal.triggered.delete(k);
   for (const [k, at] of journal.resolved) if (now - at > JOURNAL_TTL_MS) journal.resolved.delete(k);
+  for (const [k, v] of journal.acknowledged) if (now - v.at > JOURNAL_TTL_MS) journal.acknowledged.delete(k);
 }
 
 const time = (iso: string | null | undefined) => (iso ? Date.parse(iso) : -Infinity);
@@ -87,6 +110,8 @@ export function applyReading(qc: QueryClient, reading: SensorReading) {
 
 /** Readings into the unit's chart, when something shows it (merged by id: idempotent). */
 function addToChart(qc: QueryClient, unitId: string, readings: SensorReading[]) {
+  addToSpark(qc, unitId, readings);
+  addToRanges(qc, unitId, readings);
   const key = keys.readings(unitId);
   const query = qc.getQueryCache().find({ queryKey: key, exact: true });
   if (!query) return; // nobody shows this unit's readings
@@ -97,6 +122,20 @@ function addToChart(qc: QueryClient, unitId: string, readings: SensorReading[]) 
     return;
   }
   qc.setQueryData<SensorReading[]>(key, (list) => (list ? mergeReadings(list, readings) : list));
+}
+
+/** The card's sparkline: only once it has loaded (a first fetch includes what arrived meanwhile). */
+function addToSpark(qc: QueryClient, unitId: string, readings: SensorReading[]) {
+  qc.setQueryData<SensorReading[]>(keys.spark(unitId), (list) =>
+    list ? mergeReadings(list, readings, SPARK_POINTS) : list,
+  );
+}
+
+/** Open time-range charts of the unit gain live readings too (their window slides on render). */
+function addToRanges(qc: QueryClient, unitId: string, readings: SensorReading[]) {
+  qc.setQueriesData<SensorReading[]>({ queryKey: ['range', unitId] }, (list) =>
+    list ? mergeReadings(list, readings, Infinity) : list,
+  );
 }
 
 /** Live readings that arrived before the unit's readings were first fetched (taken once). */
@@ -137,10 +176,114 @@ export function applyAlertTriggered(qc: QueryClient, a: AlertTriggered) {
     if (journal.resolved.has(a.alertId) || list.some((x) => x.alertId === a.alertId)) return list;
     return [alert, ...list];
   });
+  updateHistory(qc, (f, pages) => {
+    if (f.status === 'resolved' || (f.unitId && f.unitId !== a.unitId)) return pages;
+    if (journal.resolved.has(a.alertId) || pages.some((p) => p.alerts.some((x) => x.alertId === a.alertId))) return pages;
+    const [first, ...rest] = pages;
+    return [{ ...first, alerts: [withAck(alert), ...first.alerts] }, ...rest];
+  });
+}
+
+/**
+ * Every loaded history list, rewritten by `f` (given the list's filter). Only lists already in the
+ * cache are touched: a live event never starts a fetch.
+ */
+function updateHistory(qc: QueryClient, f: (filter: HistoryFilter, pages: HistoryPage[]) => HistoryPage[]) {
+  for (const q of qc.getQueryCache().findAll({ queryKey: keys.historyAll })) {
+    const [, , status, unitId] = q.queryKey as [string, string, string, string];
+    const filter: HistoryFilter = {
+      status: status === 'all' ? undefined : (status as 'active' | 'resolved'),
+      unitId: unitId || undefined,
+    };
+    qc.setQueryData<InfiniteData<HistoryPage, string | null>>(q.queryKey, (data) => {
+      if (!data || data.pages.length === 0) return data;
+      const pages = f(filter, data.pages);
+      return pages === data.pages ? data : { ...data, pages };
+    });
+  }
+}
+
+function mapAlert(pages: HistoryPage[], alertId: string, f: (a: Alert) => Alert): HistoryPage[] {
+  let changed = false;
+  const next = pages.map((p) => {
+    if (!p.alerts.some((a) => a.alertId === alertId)) return p;
+    changed = true;
+    return { ...p, alerts: p.alerts.map((a) => (a.alertId === alertId ? f(a) : a)) };
+  });
+  return changed ? next : pages;
+}
+
+/** An alert with its acknowledgement, when one arrived live and the alert does not show it yet. */
+function withAck(a: Alert): Alert {
+  const j = journal.acknowledged.get(a.alertId);
+  if (!j || a.acknowledgedAt) return a;
+  return { ...a, acknowledgedAt: j.ack.acknowledgedAt, acknowledgedBy: j.ack.acknowledgedBy, note: j.ack.note };
+}
+
+/** Seconds an alert lasted (or has lasted so far): the gateway's figure, or computed from its times. */
+export function alertDuration(a: Alert, now: number): number {
+  if (typeof a.durationSeconds === 'number') return a.durationSeconds;
+  const end = a.resolvedAt ? Date.parse(a.resolvedAt) : now;
+  return Math.max(0, (end - Date.parse(a.triggeredAt)) / 1000);
+}
+
+/**
+ * `alert:acknowledged`: the alert shows who acknowledged it, when, and the note — in the active
+ * list and in every loaded history list. Applying it twice changes nothing.
+ */
+export function applyAlertAcknowledged(qc: QueryClient, ack: AlertAcknowledged) {
+  journal.acknowledged.set(ack.alertId, { ack, at: Date.now() });
+  const set = (a: Alert): Alert =>
+    a.acknowledgedAt === ack.acknowledgedAt && a.acknowledgedBy === ack.acknowledgedBy
+      ? a
+      : { ...a, acknowledgedAt: ack.acknowledgedAt, acknowledgedBy: ack.acknowledgedBy, note: ack.note };
+  qc.setQueryData<Alert[]>(keys.activeAlerts, (list) =>
+    list && list.some((x) => x.alertId === ack.alertId) ? list.map((x) => (x.alertId === ack.alertId ? set(x) : x)) : list,
+  );
+  updateHistory(qc, (_f, pages) => mapAlert(pages, ack.alertId, set));
+}
+
+/** The answer of `POST /api/alerts/{id}/acknowledge` (the Alert), applied like the live event. */
+export function applyAcknowledgedAlert(qc: QueryClient, a: Alert) {
+  if (!a?.acknowledgedAt) return;
+  applyAlertAcknowledged(qc, {
+    alertId: a.alertId,
+    unitId: a.unitId,
+    acknowledgedAt: a.acknowledgedAt,
+    acknowledgedBy: a.acknowledgedBy ?? '',
+    note: a.note ?? null,
+  });
 }
 
 export function applyAlertResolved(qc: QueryClient, a: AlertResolved) {
   journal.resolved.set(a.alertId, Date.now());
+  updateHistory(qc, (f, pages) => {
+    if (f.status === 'active') {
+      let changed = false;
+      const next = pages.map((p) => {
+        if (!p.alerts.some((x) => x.alertId === a.alertId)) return p;
+        changed = true;
+        return { ...p, alerts: p.alerts.filter((x) => x.alertId !== a.alertId) };
+      });
+      return changed ? next : pages;
+    }
+    const resolve = (x: Alert): Alert =>
+      x.status === 'resolved'
+        ? x
+        : {
+            ...x,
+            status: 'resolved',
+            resolvedAt: a.resolvedAt,
+            durationSeconds: (Date.parse(a.resolvedAt) - Date.parse(x.triggeredAt)) / 1000,
+          };
+    const found = pages.some((p) => p.alerts.some((x) => x.alertId === a.alertId));
+    if (found) return mapAlert(pages, a.alertId, resolve);
+    // A resolved-only list gains the alert when this tab saw it open.
+    const opened = journal.triggered.get(a.alertId)?.alert;
+    if (f.status !== 'resolved' || !opened || (f.unitId && f.unitId !== opened.unitId)) return pages;
+    const [first, ...rest] = pages;
+    return [{ ...first, alerts: [withAck(resolve(opened)), ...first.alerts] }, ...rest];
+  });
   qc.setQueryData<Alert[]>(keys.activeAlerts, (list) =>
     list && list.some((x) => x.alertId === a.alertId)
       ? list.filter((x) => x.alertId !== a.alertId)
@@ -176,11 +319,16 @@ export function mergeActiveAlerts(fetched: Alert[], startedAt: number): Alert[] 
       list.unshift(alert);
     }
   }
-  return list.sort((a, b) => time(b.triggeredAt) - time(a.triggeredAt));
+  return list.map(withAck).sort((a, b) => time(b.triggeredAt) - time(a.triggeredAt));
+}
+
+/** A fetched history page, with the acknowledgements that arrived live meanwhile. */
+export function mergeHistoryPage(fetched: Alert[]): Alert[] {
+  return fetched.map(withAck);
 }
 
 /** Readings in `recordedAt` order, each once, the newest `MAX_CHART_POINTS`. */
-export function mergeReadings(a: SensorReading[], b: SensorReading[]): SensorReading[] {
+export function mergeReadings(a: SensorReading[], b: SensorReading[], max = MAX_CHART_POINTS): SensorReading[] {
   const byId = new Map<string, SensorReading>();
   for (const r of a) byId.set(r.id, r);
   let added = false;
@@ -188,9 +336,9 @@ export function mergeReadings(a: SensorReading[], b: SensorReading[]): SensorRea
     if (!byId.has(r.id)) added = true;
     byId.set(r.id, r);
   }
-  if (!added && b.length > 0 && a.length <= MAX_CHART_POINTS) return a;
+  if (!added && b.length > 0 && a.length <= max) return a;
   const all = [...byId.values()].sort(
     (x, y) => time(x.recordedAt) - time(y.recordedAt) || Number(x.id) - Number(y.id),
   );
-  return all.slice(-MAX_CHART_POINTS);
+  return Number.isFinite(max) ? all.slice(-max) : all;
 }

@@ -1,7 +1,7 @@
 import { createElement, type AnchorHTMLAttributes, type MouseEvent } from 'react';
 import { createStore, useStore } from './store';
 
-/** A minimal history-API router: the app has two routes (`/` and `/units/:id`). */
+/** A minimal history-API router: the app has three routes (`/`, `/alerts` and `/units/:id`). */
 const path = createStore(window.location.pathname);
 
 window.addEventListener('popstate', () => path.set(window.location.pathname));
@@ -17,10 +17,11 @@ export function usePath(): string {
   return useStore(path);
 }
 
-export type Route = { name: 'dashboard' } | { name: 'unit'; unitId: string } | { name: 'not-found' };
+export type Route = { name: 'dashboard' } | { name: 'alerts' } | { name: 'unit'; unitId: string } | { name: 'not-found' };
 
 export function matchRoute(pathname: string): Route {
   if (pathname === '/' || pathname === '' || pathname === '/index.html') return { name: 'dashboard' };
+  if (pathname === '/alerts' || pathname === '/alerts/') return { name: 'alerts' };
   const m = /^\/units\/([^/]+)\/?$/.exec(pathname);
   if (m) return { name: 'unit', unitId: decodeURIComponent(m[1]) };
   return { name: 'not-found' };

@@ -61,3 +61,15 @@ export function formatRange(min: number | null, max: number | null): string {
   if (max == null) return `≥ ${min.toFixed(1)} °C`;
   return `${min.toFixed(1)} – ${max.toFixed(1)} °C`;
 }
+
+/** "12 s", "4 min 10 s", "2 h 5 min", "3 d 4 h". */
+export function formatDuration(seconds: number): string {
+  const s = Math.round(seconds);
+  if (s < 60) return `${s} s`;
+  const m = Math.floor(s / 60);
+  if (m < 60) return s % 60 ? `${m} min ${s % 60} s` : `${m} min`;
+  const h = Math.floor(m / 60);
+  if (h < 24) return m % 60 ? `${h} h ${m % 60} min` : `${h} h`;
+  const d = Math.floor(h / 24);
+  return h % 24 ? `${d} d ${h % 24} h` : `${d} d`;
+}

@@ -28,7 +28,7 @@ export class NoTokenError extends Error {
   }
 }
 
-interface Claims {
+export interface Claims {
   sub?: string;
   org_id?: string;
   role?: string;
@@ -142,10 +142,25 @@ function fetchDemoToken(): Promise<string | null> {
 }
 
 /**
+ * Whether `fresh` (from the demo endpoint) may replace `stored`: only as the same user — the same
+ * `sub` in the same organisation. A token the user pasted (or opened with `#token=`) for someone
+ * else is never swapped for the demo identity, even when this gateway runs the demo: it is used
+ * until it runs out, and then the app asks for a new one.
+ */
+function sameUser(stored: string, fresh: string): boolean {
+  const a = decodeJwt(stored);
+  const b = decodeJwt(fresh);
+  return !!a && !!b && a.sub === b.sub && a.org_id === b.org_id;
+}
+
+/** The stored token the demo identity was found not to match (so the demo is not asked again). */
+let notDemoUser: string | null = null;
+
+/**
  * A token to use now: the stored one while it is more than a minute from `exp`, otherwise a new
- * one from the demo endpoint (falling back to the stored one while it has not expired yet).
- * `force` skips the stored token (the gateway refused it). Rejects with `NoTokenError` (and
- * switches the app to the paste-a-token screen) when there is none.
+ * one from the demo endpoint for the same user (falling back to the stored one while it has not
+ * expired yet). `force` skips the stored token (the gateway refused it). Rejects with
+ * `NoTokenError` (and switches the app to the paste-a-token screen) when there is none.
  */
 export async function getToken(opts: { force?: boolean } = {}): Promise<string> {
   const stored = currentToken();
@@ -153,12 +168,13 @@ export async function getToken(opts: { force?: boolean } = {}): Promise<string> 
     markReady();
     return stored;
   }
-  const fresh = await fetchDemoToken();
-  if (fresh) {
+  const fresh = stored && notDemoUser === stored ? null : await fetchDemoToken();
+  if (fresh && (!stored || sameUser(stored, fresh))) {
     store(fresh);
     markReady();
     return fresh;
   }
+  if (fresh && stored) notDemoUser = stored;
   if (stored && !opts.force && secondsLeft(stored) > 0) {
     markReady();
     return stored;
@@ -171,6 +187,17 @@ export async function getToken(opts: { force?: boolean } = {}): Promise<string> 
   if (stored) store(null);
   tokenStatus.set({ state: 'missing', reason });
   throw new NoTokenError(reason);
+}
+
+/** Who the current token says is signed in (not verified: the gateway does that). */
+export function currentClaims(): Claims | null {
+  const t = currentToken();
+  return t ? decodeJwt(t) : null;
+}
+
+/** Operators and admins may acknowledge alerts (a missing role is a viewer). */
+export function canAcknowledge(claims: Claims | null): boolean {
+  return claims?.role === 'operator' || claims?.role === 'admin';
 }
 
 function markReady() {

@@ -12,6 +12,7 @@ import {
 import { io, type Socket } from 'socket.io-client';
 import { GATEWAY_URL } from '../lib/config';
 import {
+  applyAlertAcknowledged,
   applyAlertResolved,
   applyAlertTriggered,
   applyBatch,
@@ -349,6 +350,10 @@ export function RealtimeProvider({ children }: { children: ReactNode }) {
       dismissToast(a.alertId);
     };
 
+    // Acknowledged in any tab of the organisation (this one too): shown everywhere. The toast of an
+    // acknowledged alert stays until it resolves or this tab closes it: dismissing is per tab.
+    const onAlertAcknowledged: ServerToClientEvents['alert:acknowledged'] = (a) => applyAlertAcknowledged(queryClient, a);
+
     socket.on('connect', onConnect);
     socket.on('connect_error', onConnectError);
     socket.on('disconnect', onDisconnect);
@@ -359,6 +364,7 @@ export function RealtimeProvider({ children }: { children: ReactNode }) {
     socket.on('unit:status', onUnitStatus);
     socket.on('alert:triggered', onAlertTriggered);
     socket.on('alert:resolved', onAlertResolved);
+    socket.on('alert:acknowledged', onAlertAcknowledged);
     socket.on('sync:complete', onSyncComplete);
     socket.onAny(onAnyEvent);
     socket.io.on('reconnect_attempt', onReconnectAttempt);
@@ -391,6 +397,7 @@ export function RealtimeProvider({ children }: { children: ReactNode }) {
       socket.off('unit:status', onUnitStatus);
       socket.off('alert:triggered', onAlertTriggered);
       socket.off('alert:resolved', onAlertResolved);
+      socket.off('alert:acknowledged', onAlertAcknowledged);
       socket.off('sync:complete', onSyncComplete);
       socket.offAny(onAnyEvent);
       socket.io.off('reconnect_attempt', onReconnectAttempt);
