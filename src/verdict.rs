@@ -361,7 +361,8 @@ mod tests {
             u.peaks.retain(|(i, _)| i != id);
             u.peaks.push((id.clone(), *p));
         }
-        u.peaks.retain(|(id, _)| u.open.iter().any(|(o, _)| o == id));
+        u.peaks
+            .retain(|(id, _)| u.open.iter().any(|(o, _)| o == id));
         u
     }
 

@@ -44,17 +44,17 @@ async fn ingest(gw: &Gateway, tok: &str, unit: &str, readings: &[(i64, f64)], ba
         .map(|(ms, t)| json!({ "unitId": unit, "temperature": t, "recordedAt": at(base, *ms) }))
         .collect();
     let (status, body) = gw
-        .post(
-            "/api/readings/ingest",
-            tok,
-            json!({ "readings": readings }),
-        )
+        .post("/api/readings/ingest", tok, json!({ "readings": readings }))
         .await;
     assert_eq!(status, 200, "{body}");
 }
 
 /// `GET` with the response headers.
-async fn get_full(gw: &Gateway, path: &str, tok: &str) -> (u16, reqwest::header::HeaderMap, String) {
+async fn get_full(
+    gw: &Gateway,
+    path: &str,
+    tok: &str,
+) -> (u16, reqwest::header::HeaderMap, String) {
     let res = gw
         .http
         .get(format!("{}{path}", gw.url))
@@ -116,7 +116,10 @@ async fn history_has_peaks_durations_filters_pages_and_csv() {
         let h = by_id(&high);
         assert_eq!(h["alertType"], "temp_high", "{engine:?}: {h}");
         assert_eq!(h["value"], 7.0);
-        assert_eq!(h["peakValue"], 9.5, "{engine:?}: the peak across commits: {h}");
+        assert_eq!(
+            h["peakValue"], 9.5,
+            "{engine:?}: the peak across commits: {h}"
+        );
         assert_eq!(h["durationSeconds"], 12.345, "{h}");
         assert_eq!(h["status"], "resolved");
         assert_eq!(h["acknowledgedAt"], Value::Null);
@@ -139,9 +142,12 @@ async fn history_has_peaks_durations_filters_pages_and_csv() {
                 alert_ids(&body)
             }
         };
-        assert_eq!(q("status=active".into()).await, [low.clone()]);
-        assert_eq!(q("status=resolved".into()).await, [other.clone(), high.clone()]);
-        assert_eq!(q("unitId=u-2".into()).await, [other.clone()]);
+        assert_eq!(q("status=active".into()).await, [low.as_str()]);
+        assert_eq!(
+            q("status=resolved".into()).await,
+            [other.clone(), high.clone()]
+        );
+        assert_eq!(q("unitId=u-2".into()).await, [other.as_str()]);
         assert_eq!(q("siteId=s-1".into()).await, [low.clone(), high.clone()]);
         let enc = |ms| at(base, ms).replace(':', "%3A");
         assert_eq!(
@@ -149,10 +155,13 @@ async fn history_has_peaks_durations_filters_pages_and_csv() {
             [low.clone(), other.clone()],
             "since is inclusive"
         );
-        assert_eq!(q(format!("until={}", enc(500))).await, [other.clone(), high.clone()]);
+        assert_eq!(
+            q(format!("until={}", enc(500))).await,
+            [other.clone(), high.clone()]
+        );
         assert_eq!(
             q(format!("since={}&until={}", enc(0), enc(0))).await,
-            [high.clone()]
+            [high.as_str()]
         );
 
         // Paging: limit 1, following Link, all three once, the last page without a cursor.
@@ -177,17 +186,22 @@ async fn history_has_peaks_durations_filters_pages_and_csv() {
         }
         assert_eq!(seen, [low.clone(), other.clone(), high.clone()]);
         let (_, headers, _) = get_full(&gw, "/api/alerts?limit=3", &viewer).await;
-        assert!(headers.get("x-next-cursor").is_none(), "exactly all: no next page");
+        assert!(
+            headers.get("x-next-cursor").is_none(),
+            "exactly all: no next page"
+        );
 
         // site_ids filter in the query: a full page, and no cursor when nothing more is visible.
         let restricted = gw.token("acme", Role::Viewer, Some(&["s-2"]));
         let (status, headers, body) = get_full(&gw, "/api/alerts?limit=1", &restricted).await;
         assert_eq!(status, 200);
         let page: Value = serde_json::from_str(&body).unwrap();
-        assert_eq!(alert_ids(&page), [other.clone()]);
+        assert_eq!(alert_ids(&page), [other.as_str()]);
         assert!(headers.get("link").is_none(), "{headers:?}");
         // Another organisation sees none of them.
-        let (_, none) = gw.get("/api/alerts", &gw.token("other", Role::Admin, None)).await;
+        let (_, none) = gw
+            .get("/api/alerts", &gw.token("other", Role::Admin, None))
+            .await;
         assert_eq!(none, json!([]));
 
         // Query errors are the contract's 422.
@@ -231,8 +245,15 @@ async fn history_has_peaks_durations_filters_pages_and_csv() {
         assert_eq!(&rows[0][col("alertId")], low);
         assert_eq!(&rows[1][col("alertId")], high);
         assert_eq!(rows[1][col("peakValue")].parse::<f64>().unwrap(), 9.5);
-        assert_eq!(rows[1][col("durationSeconds")].parse::<f64>().unwrap(), 12.345);
-        assert_eq!(&rows[0][col("durationSeconds")], "", "null is an empty field");
+        assert_eq!(
+            rows[1][col("durationSeconds")].parse::<f64>().unwrap(),
+            12.345
+        );
+        assert_eq!(
+            &rows[0][col("durationSeconds")],
+            "",
+            "null is an empty field"
+        );
         assert_eq!(&rows[1][col("message")], h["message"].as_str().unwrap());
         let (status, body) = gw.get("/api/alerts/export.csv?limit=abc", &viewer).await;
         assert_eq!((status, &body["error"]), (422, &json!("validation_failed")));
@@ -254,13 +275,26 @@ async fn acknowledge_once_by_operators_of_the_alerts_sites() {
 
         // Refusals first: nothing is acknowledged by them.
         let (status, body) = gw.post(&ack(&high), &viewer, json!({})).await;
-        assert_eq!((status, &body["error"]), (403, &json!("forbidden")), "{body}");
+        assert_eq!(
+            (status, &body["error"]),
+            (403, &json!("forbidden")),
+            "{body}"
+        );
         let admin = gw.token("acme", Role::Admin, None);
         let (_, key) = gw
-            .post("/api/keys", &admin, json!({ "name": "k", "scopes": ["ingest", "publish"] }))
+            .post(
+                "/api/keys",
+                &admin,
+                json!({ "name": "k", "scopes": ["ingest", "publish"] }),
+            )
             .await;
         let (status, _) = gw
-            .call(Method::POST, &ack(&high), Some(key["key"].as_str().unwrap()), Some(json!({})))
+            .call(
+                Method::POST,
+                &ack(&high),
+                Some(key["key"].as_str().unwrap()),
+                Some(json!({})),
+            )
             .await;
         assert_eq!(status, 403, "API keys cannot acknowledge");
         let (status, body) = gw.post(&ack("al-nope"), &olga, json!({})).await;
@@ -268,20 +302,38 @@ async fn acknowledge_once_by_operators_of_the_alerts_sites() {
         let other_org = token("other", "olga", Role::Admin, None, 3600);
         assert_eq!(gw.post(&ack(&high), &other_org, json!({})).await.0, 404);
         let site_2 = token("acme", "sam", Role::Operator, Some(&["s-2"]), 3600);
-        assert_eq!(gw.post(&ack(&high), &site_2, json!({})).await.0, 404, "unseen site");
+        assert_eq!(
+            gw.post(&ack(&high), &site_2, json!({})).await.0,
+            404,
+            "unseen site"
+        );
         let long = "x".repeat(1001);
         let (status, body) = gw.post(&ack(&high), &olga, json!({ "note": long })).await;
-        assert_eq!((status, &body["error"]), (422, &json!("validation_failed")), "{body}");
+        assert_eq!(
+            (status, &body["error"]),
+            (422, &json!("validation_failed")),
+            "{body}"
+        );
         assert_eq!(body["details"][0]["field"], "note", "{body}");
         let (status, body) = gw.post(&ack(&high), &olga, json!({ "note": 5 })).await;
         assert_eq!(status, 422, "{body}");
-        let (_, list) = gw.get("/api/alerts?unitId=u-1&status=resolved", &viewer).await;
-        assert_eq!(list[0]["acknowledgedAt"], Value::Null, "no refusal acknowledged it");
+        let (_, list) = gw
+            .get("/api/alerts?unitId=u-1&status=resolved", &viewer)
+            .await;
+        assert_eq!(
+            list[0]["acknowledgedAt"],
+            Value::Null,
+            "no refusal acknowledged it"
+        );
 
         // Once: 200 with the Alert, then 409.
         let before = chrono::Utc::now().timestamp_millis();
         let (status, alert) = gw
-            .post(&ack(&high), &olga, json!({ "note": "door was open, closed it" }))
+            .post(
+                &ack(&high),
+                &olga,
+                json!({ "note": "door was open, closed it" }),
+            )
             .await;
         assert_eq!(status, 200, "{engine:?}: {alert}");
         assert_eq!(alert["alertId"], high.as_str());
@@ -292,19 +344,34 @@ async fn acknowledge_once_by_operators_of_the_alerts_sites() {
             .unwrap()
             .timestamp_millis();
         assert!(acked >= before - 1000, "{alert}");
-        let (status, body) = gw.post(&ack(&high), &olga, json!({ "note": "again" })).await;
-        assert_eq!((status, &body["error"]), (409, &json!("conflict")), "{body}");
+        let (status, body) = gw
+            .post(&ack(&high), &olga, json!({ "note": "again" }))
+            .await;
+        assert_eq!(
+            (status, &body["error"]),
+            (409, &json!("conflict")),
+            "{body}"
+        );
         let (status, _) = gw.post(&ack(&high), &admin, json!({})).await;
         assert_eq!(status, 409, "once, whoever asks");
-        let (_, list) = gw.get("/api/alerts?unitId=u-1&status=resolved", &viewer).await;
-        assert_eq!(list[0], alert, "the list shows what the acknowledgement answered");
+        let (_, list) = gw
+            .get("/api/alerts?unitId=u-1&status=resolved", &viewer)
+            .await;
+        assert_eq!(
+            list[0], alert,
+            "the list shows what the acknowledgement answered"
+        );
 
         // Active alerts too; a note of exactly 1000 characters; the site's own operator.
-        let (status, body) = gw.post(&ack(&low), &olga, json!({ "note": "y".repeat(1000) })).await;
+        let (status, body) = gw
+            .post(&ack(&low), &olga, json!({ "note": "y".repeat(1000) }))
+            .await;
         assert_eq!(status, 200, "{body}");
         assert_eq!(body["status"], "active");
         // No body at all: no note.
-        let (status, body) = gw.call(Method::POST, &ack(&other), Some(&site_2), None).await;
+        let (status, body) = gw
+            .call(Method::POST, &ack(&other), Some(&site_2), None)
+            .await;
         assert_eq!(status, 200, "{body}");
         assert_eq!(body["note"], Value::Null);
         assert_eq!(body["acknowledgedBy"], "sam");

@@ -330,7 +330,10 @@ mod tests {
             p.sort_unstable();
             p
         };
-        assert_eq!(positions, sorted, "header order differs from the JSON order");
+        assert_eq!(
+            positions, sorted,
+            "header order differs from the JSON order"
+        );
         let value: serde_json::Value = serde_json::from_str(&json).unwrap();
         assert_eq!(value.as_object().unwrap().len(), fields.len());
         let bytes = to_csv(&[alert()]).unwrap();
@@ -347,9 +350,14 @@ mod tests {
     #[test]
     fn cursors_round_trip_and_junk_is_refused() {
         let c = encode_cursor(1_700_000_000_123, "al-ff");
-        assert_eq!(decode_cursor(&c).unwrap(), (1_700_000_000_123, "al-ff".into()));
+        assert_eq!(
+            decode_cursor(&c).unwrap(),
+            (1_700_000_000_123, "al-ff".into())
+        );
         assert!(decode_cursor("nope!").is_err());
-        let uri: axum::http::Uri = "/api/alerts?status=active&cursor=old&limit=2".parse().unwrap();
+        let uri: axum::http::Uri = "/api/alerts?status=active&cursor=old&limit=2"
+            .parse()
+            .unwrap();
         assert_eq!(
             next_link(&uri, "NEW"),
             "</api/alerts?status=active&limit=2&cursor=NEW>; rel=\"next\""

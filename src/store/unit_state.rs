@@ -381,9 +381,9 @@ macro_rules! engine_functions {
             // miss an alert the other transaction had just opened.
             let open: Vec<(String, String, String, String, Option<f64>)> =
                 sqlx::query_as(&sql.open_alerts)
-                .bind(keys)
-                .fetch_all(&mut *conn)
-                .await?;
+                    .bind(keys)
+                    .fetch_all(&mut *conn)
+                    .await?;
             Ok(stored_units(rows, open))
         }
 
