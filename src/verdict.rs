@@ -35,6 +35,8 @@ pub struct StoredUnit {
     pub open: Vec<(String, AlertType)>,
     /// The stored `peakValue` of open alerts that have one: id and peak.
     pub peaks: Vec<(String, f64)>,
+    /// The `triggeredAt` of open alerts: id and time.
+    pub triggered: Vec<(String, i64)>,
 }
 
 impl StoredUnit {
@@ -118,6 +120,15 @@ pub fn on_readings(unit: &StoredUnit, readings: &[(i64, f64)]) -> Verdict {
     let mut state = unit.state();
     for (at, temperature) in sorted {
         if v.last_reading_at.is_some_and(|latest| at < latest) {
+            // Older than the latest: it moves no state, but out of range on the side of the
+            // open excursion and recorded after it opened, it is one of that excursion's
+            // readings (arrived late, or committed after a newer one by another node).
+            if let Some(kind) = state.excursion
+                && alerts::classify(&unit.thresholds, temperature).is_some_and(|(k, _)| k == kind)
+                && opened_at(unit, &v, &open, kind).is_some_and(|t| at >= t)
+            {
+                raise_peak(unit, &mut v, &open, kind, temperature);
+            }
             continue;
         }
         let (next, changes) = alerts::on_reading(state, &unit.thresholds, temperature);
@@ -242,6 +253,26 @@ fn apply(
     }
 }
 
+/// When the open `kind` alert was triggered.
+fn opened_at(
+    unit: &StoredUnit,
+    v: &Verdict,
+    open: &[(String, AlertType)],
+    kind: AlertType,
+) -> Option<i64> {
+    let (id, _) = open.iter().find(|(_, k)| *k == kind)?;
+    v.opened
+        .iter()
+        .find(|a| &a.id == id)
+        .map(|a| a.triggered_at)
+        .or_else(|| {
+            unit.triggered
+                .iter()
+                .find(|(i, _)| i == id)
+                .map(|(_, t)| *t)
+        })
+}
+
 /// A reading out of range on the side of the open `kind` excursion: moves that alert's peak
 /// further out if it is (highest for `temp_high`, lowest for `temp_low`). The peak is decided
 /// here, from the stored one, like the rest of the alert state: never from a node's memory.
@@ -337,6 +368,7 @@ mod tests {
             last_seen_at: None,
             open: Vec::new(),
             peaks: Vec::new(),
+            triggered: Vec::new(),
         }
     }
 
@@ -353,6 +385,7 @@ mod tests {
         u.open
             .retain(|(id, _)| !v.resolved.iter().any(|(r, _)| r == id));
         for a in v.opened.iter().filter(|a| a.resolved_at.is_none()) {
+            u.triggered.push((a.id.clone(), a.triggered_at));
             if let Some(p) = a.peak_value {
                 u.peaks.push((a.id.clone(), p));
             }
@@ -385,9 +418,21 @@ mod tests {
         // Lower than the peak but still out of range: unchanged, nothing to write.
         let v = on_readings(&stored, &[(4000, 6.0)]);
         assert!(v.peaks.is_empty());
-        // An older reading further out does not move state, the peak neither.
+        // An older reading from before the excursion opened is not one of its readings.
         let v = on_readings(&stored, &[(500, 20.0)]);
         assert!(v.peaks.is_empty());
+        // One recorded during the excursion but committed late (by another node) is: it
+        // raises the peak, and moves no other state.
+        let v = on_readings(&stored, &[(2500, 12.0)]);
+        assert_eq!(v.peaks, vec![(id.clone(), 12.0)]);
+        assert!(v.events.is_empty() && v.opened.is_empty() && v.resolved.is_empty());
+        assert_eq!(v.last_reading_at, Some(3000));
+        // Late but in range, or on the other side: nothing.
+        assert!(
+            on_readings(&stored, &[(2600, 4.0), (2700, -9.0)])
+                .peaks
+                .is_empty()
+        );
         // Back in range: resolved, the peak stays what it was.
         let v = on_readings(&stored, &[(5000, 3.0)]);
         assert!(v.peaks.is_empty());

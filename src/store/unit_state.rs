@@ -101,7 +101,8 @@ impl Sql {
                  ON u.org_id = k.o AND u.id = k.i ORDER BY u.org_id, u.id{lock}"
             ),
             open_alerts: format!(
-                "SELECT a.org_id, a.unit_id, a.id, a.alert_type, a.peak_value FROM alerts AS a \
+                "SELECT a.org_id, a.unit_id, a.id, a.alert_type, a.peak_value, a.triggered_at \
+                 FROM alerts AS a \
                  JOIN (SELECT value->>0 AS o, value->>1 AS i FROM {rows}) AS k \
                  ON a.org_id = k.o AND a.unit_id = k.i WHERE a.status = 'active'"
             ),
@@ -209,7 +210,7 @@ struct UnitRow {
 /// Builds the stored units from their locked rows and their open alerts.
 fn stored_units(
     rows: Vec<UnitRow>,
-    open: Vec<(String, String, String, String, Option<f64>)>,
+    open: Vec<(String, String, String, String, Option<f64>, i64)>,
 ) -> Vec<StoredUnit> {
     let mut units: Vec<StoredUnit> = rows
         .into_iter()
@@ -230,9 +231,10 @@ fn stored_units(
             last_seen_at: r.last_seen_at,
             open: Vec::new(),
             peaks: Vec::new(),
+            triggered: Vec::new(),
         })
         .collect();
-    for (org, unit, id, kind, peak) in open {
+    for (org, unit, id, kind, peak, triggered_at) in open {
         if let (Some(u), Some(kind)) = (
             units
                 .iter_mut()
@@ -242,6 +244,7 @@ fn stored_units(
             if let Some(peak) = peak {
                 u.peaks.push((id.clone(), peak));
             }
+            u.triggered.push((id.clone(), triggered_at));
             u.open.push((id, kind));
         }
     }
@@ -379,7 +382,7 @@ macro_rules! engine_functions {
             // A statement of its own, after the locks are held: in PostgreSQL a subquery of the
             // locking statement would read the snapshot taken before it waited for a lock, and
             // miss an alert the other transaction had just opened.
-            let open: Vec<(String, String, String, String, Option<f64>)> =
+            let open: Vec<(String, String, String, String, Option<f64>, i64)> =
                 sqlx::query_as(&sql.open_alerts)
                     .bind(keys)
                     .fetch_all(&mut *conn)
