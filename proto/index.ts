@@ -42,7 +42,28 @@ export type AlertStatus = "active" | "resolved";
 /**
  * A stored alert, as listed by `GET /api/alerts`.
  */
-export type Alert = { alertId: string, unitId: string, siteId: string, alertType: AlertType, severity: Severity, message: string, status: AlertStatus, triggeredAt: string, resolvedAt: string | null, value: number | null, threshold: number | null, };
+export type Alert = { alertId: string, unitId: string, siteId: string, alertType: AlertType, severity: Severity, message: string, status: AlertStatus, triggeredAt: string, resolvedAt: string | null, value: number | null, threshold: number | null, 
+/**
+ * When it was acknowledged (`POST /api/alerts/{alertId}/acknowledge`), or `null`.
+ */
+acknowledgedAt: string | null, 
+/**
+ * The `sub` of the user who acknowledged it, or `null`.
+ */
+acknowledgedBy: string | null, 
+/**
+ * The acknowledgement's note, or `null`.
+ */
+note: string | null, 
+/**
+ * The most extreme out-of-range reading of the excursion so far: the highest for
+ * `temp_high`, the lowest for `temp_low`; `null` for `offline`.
+ */
+peakValue: number | null, 
+/**
+ * `resolvedAt − triggeredAt` in seconds (millisecond precision); `null` while active.
+ */
+durationSeconds: number | null, };
 
 /**
  * One invalid field of a request, by index (for lists) and field name.
@@ -188,6 +209,29 @@ export type AlertResolved = { alertId: string, unitId: string, resolvedAt: strin
 offset?: string, };
 
 /**
+ * `alert:acknowledged`.
+ */
+export type AlertAcknowledged = { alertId: string, unitId: string, acknowledgedAt: string, 
+/**
+ * The `sub` of the user who acknowledged it.
+ */
+acknowledgedBy: string, note: string | null, 
+/**
+ * Position in the organisation's event log (see "Missed events after a reconnect"); set
+ * when the event is sent, so the pipeline leaves it empty.
+ */
+offset?: string, };
+
+/**
+ * The body of `POST /api/alerts/{alertId}/acknowledge`.
+ */
+export type AcknowledgeAlert = { 
+/**
+ * What was done, for the record (at most 1000 characters).
+ */
+note?: string, };
+
+/**
  * `unit:status`, sent on change only.
  */
 export type UnitStatusChanged = { unitId: string, status: UnitStatus, since: string, 
@@ -322,6 +366,7 @@ export interface ServerToClientEvents {
   "sensor:readings:batch": (batch: ReadingsBatch) => void;
   "alert:triggered": (alert: AlertTriggered) => void;
   "alert:resolved": (alert: AlertResolved) => void;
+  "alert:acknowledged": (alert: AlertAcknowledged) => void;
   /** A unit's status changed (sent on change only). */
   "unit:status": (status: UnitStatusChanged) => void;
   /** One stored reading, to `unit:{unitId}` and `site:{siteId}` subscribers, as soon as it is stored. */

@@ -186,6 +186,7 @@ async fn serve<A: Adapter>(
     let (outbox, outgoing) = realtime::outbox::Outbox::new(64 * 1024);
     let (to_fanout, fanout_rx) = mpsc::channel(1024);
     let (to_monitor, monitor_rx) = mpsc::channel(1024);
+    let announce = to_monitor.downgrade();
     let (sent, sent_rx) = mpsc::unbounded_channel();
     let (stop, stopped) = watch::channel(false);
     let mut sweep_stop = stopped.clone();
@@ -294,6 +295,7 @@ async fn serve<A: Adapter>(
         pipeline: pipeline.clone(),
         rate_limits: Default::default(),
         metrics: parts_metrics,
+        announce,
     };
     let app: Router = http::router(state)
         .fallback_service(web::router(&config.web_dir))

@@ -172,6 +172,7 @@ pub fn event_label(event: &str) -> &'static str {
         "sensor:reading" => "sensor:reading",
         "alert:triggered" => "alert:triggered",
         "alert:resolved" => "alert:resolved",
+        "alert:acknowledged" => "alert:acknowledged",
         "unit:status" => "unit:status",
         _ => "published",
     }

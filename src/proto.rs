@@ -27,6 +27,7 @@ export interface ServerToClientEvents {
   "sensor:readings:batch": (batch: ReadingsBatch) => void;
   "alert:triggered": (alert: AlertTriggered) => void;
   "alert:resolved": (alert: AlertResolved) => void;
+  "alert:acknowledged": (alert: AlertAcknowledged) => void;
   /** A unit's status changed (sent on change only). */
   "unit:status": (status: UnitStatusChanged) => void;
   /** One stored reading, to `unit:{unitId}` and `site:{siteId}` subscribers, as soon as it is stored. */
@@ -93,6 +94,8 @@ pub fn typescript() -> String {
         ts_decl::<ReadingsBatch>(),
         ts_decl::<AlertTriggered>(),
         ts_decl::<AlertResolved>(),
+        ts_decl::<AlertAcknowledged>(),
+        ts_decl::<AcknowledgeAlert>(),
         ts_decl::<UnitStatusChanged>(),
         ts_decl::<SyncComplete>(),
         ts_decl::<SyncRequest>(),

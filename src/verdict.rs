@@ -33,6 +33,10 @@ pub struct StoredUnit {
     pub last_seen_at: Option<i64>,
     /// The unit's open alerts: id and type.
     pub open: Vec<(String, AlertType)>,
+    /// The stored `peakValue` of open alerts that have one: id and peak.
+    pub peaks: Vec<(String, f64)>,
+    /// The `triggeredAt` of open alerts: id and time.
+    pub triggered: Vec<(String, i64)>,
 }
 
 impl StoredUnit {
@@ -61,6 +65,9 @@ pub struct NewAlert {
     pub threshold: Option<f64>,
     /// Set when the same commit also resolved it.
     pub resolved_at: Option<i64>,
+    /// The most extreme reading of the excursion within this commit (the opening one, or a
+    /// later one further out); `None` for `offline`.
+    pub peak_value: Option<f64>,
 }
 
 /// An event to announce to the organisation, serialised once.
@@ -82,6 +89,8 @@ pub struct Verdict {
     pub opened: Vec<NewAlert>,
     /// Alerts open before this verdict that it resolves: id and `resolvedAt`.
     pub resolved: Vec<(String, i64)>,
+    /// Alerts open before this verdict whose peak it moves further out: id and new peak.
+    pub peaks: Vec<(String, f64)>,
     pub events: Vec<Announcement>,
 }
 
@@ -94,6 +103,7 @@ impl Verdict {
             last_temperature: unit.last_temperature,
             opened: Vec::new(),
             resolved: Vec::new(),
+            peaks: Vec::new(),
             events: Vec::new(),
         }
     }
@@ -110,10 +120,22 @@ pub fn on_readings(unit: &StoredUnit, readings: &[(i64, f64)]) -> Verdict {
     let mut state = unit.state();
     for (at, temperature) in sorted {
         if v.last_reading_at.is_some_and(|latest| at < latest) {
+            // Older than the latest: it moves no state, but out of range on the side of the
+            // open excursion and recorded after it opened, it is one of that excursion's
+            // readings (arrived late, or committed after a newer one by another node).
+            if let Some(kind) = state.excursion
+                && alerts::classify(&unit.thresholds, temperature).is_some_and(|(k, _)| k == kind)
+                && opened_at(unit, &v, &open, kind).is_some_and(|t| at >= t)
+            {
+                raise_peak(unit, &mut v, &open, kind, temperature);
+            }
             continue;
         }
         let (next, changes) = alerts::on_reading(state, &unit.thresholds, temperature);
         apply(unit, &mut v, &mut open, &changes, at);
+        if let Some(kind) = next.excursion {
+            raise_peak(unit, &mut v, &open, kind, temperature);
+        }
         if next.status != state.status {
             set_status(unit, &mut v, next.status, at);
         }
@@ -183,6 +205,7 @@ fn apply(
                     value,
                     threshold,
                     resolved_at: None,
+                    peak_value: value,
                 };
                 v.events.push(announce(
                     unit,
@@ -227,6 +250,62 @@ fn apply(
                 }
             }
         }
+    }
+}
+
+/// When the open `kind` alert was triggered.
+fn opened_at(
+    unit: &StoredUnit,
+    v: &Verdict,
+    open: &[(String, AlertType)],
+    kind: AlertType,
+) -> Option<i64> {
+    let (id, _) = open.iter().find(|(_, k)| *k == kind)?;
+    v.opened
+        .iter()
+        .find(|a| &a.id == id)
+        .map(|a| a.triggered_at)
+        .or_else(|| {
+            unit.triggered
+                .iter()
+                .find(|(i, _)| i == id)
+                .map(|(_, t)| *t)
+        })
+}
+
+/// A reading out of range on the side of the open `kind` excursion: moves that alert's peak
+/// further out if it is (highest for `temp_high`, lowest for `temp_low`). The peak is decided
+/// here, from the stored one, like the rest of the alert state: never from a node's memory.
+fn raise_peak(
+    unit: &StoredUnit,
+    v: &mut Verdict,
+    open: &[(String, AlertType)],
+    kind: AlertType,
+    temperature: f64,
+) {
+    let Some((id, _)) = open.iter().find(|(_, k)| *k == kind) else {
+        return;
+    };
+    let further = |peak: Option<f64>| match peak {
+        None => true,
+        Some(p) if kind == AlertType::TempLow => temperature < p,
+        Some(p) => temperature > p,
+    };
+    if let Some(a) = v.opened.iter_mut().find(|a| &a.id == id) {
+        if further(a.peak_value) {
+            a.peak_value = Some(temperature);
+        }
+        return;
+    }
+    let current = v
+        .peaks
+        .iter()
+        .chain(&unit.peaks)
+        .find(|(i, _)| i == id)
+        .map(|(_, p)| *p);
+    if further(current) {
+        v.peaks.retain(|(i, _)| i != id);
+        v.peaks.push((id.clone(), temperature));
     }
 }
 
@@ -288,6 +367,8 @@ mod tests {
             last_temperature: None,
             last_seen_at: None,
             open: Vec::new(),
+            peaks: Vec::new(),
+            triggered: Vec::new(),
         }
     }
 
@@ -303,7 +384,84 @@ mod tests {
         }
         u.open
             .retain(|(id, _)| !v.resolved.iter().any(|(r, _)| r == id));
+        for a in v.opened.iter().filter(|a| a.resolved_at.is_none()) {
+            u.triggered.push((a.id.clone(), a.triggered_at));
+            if let Some(p) = a.peak_value {
+                u.peaks.push((a.id.clone(), p));
+            }
+        }
+        for (id, p) in &v.peaks {
+            u.peaks.retain(|(i, _)| i != id);
+            u.peaks.push((id.clone(), *p));
+        }
+        u.peaks
+            .retain(|(id, _)| u.open.iter().any(|(o, _)| o == id));
         u
+    }
+
+    fn peak_of(u: &StoredUnit, id: &str) -> Option<f64> {
+        u.peaks.iter().find(|(i, _)| i == id).map(|(_, p)| *p)
+    }
+
+    /// The opening reading sets the peak; later readings further out raise (temp_high) or
+    /// lower (temp_low) it, across commits; readings back towards the limit leave it.
+    #[test]
+    fn peak_follows_the_most_extreme_reading_of_the_excursion() {
+        let opened = on_readings(&unit(), &[(1000, 7.0)]);
+        assert_eq!(opened.opened[0].peak_value, Some(7.0));
+        let id = opened.opened[0].id.clone();
+        let stored = commit(unit(), &opened, 1000);
+        assert_eq!(peak_of(&stored, &id), Some(7.0));
+        let v = on_readings(&stored, &[(2000, 9.5), (3000, 8.0)]);
+        assert_eq!(v.peaks, vec![(id.clone(), 9.5)]);
+        let stored = commit(stored, &v, 3000);
+        // Lower than the peak but still out of range: unchanged, nothing to write.
+        let v = on_readings(&stored, &[(4000, 6.0)]);
+        assert!(v.peaks.is_empty());
+        // An older reading from before the excursion opened is not one of its readings.
+        let v = on_readings(&stored, &[(500, 20.0)]);
+        assert!(v.peaks.is_empty());
+        // One recorded during the excursion but committed late (by another node) is: it
+        // raises the peak, and moves no other state.
+        let v = on_readings(&stored, &[(2500, 12.0)]);
+        assert_eq!(v.peaks, vec![(id.clone(), 12.0)]);
+        assert!(v.events.is_empty() && v.opened.is_empty() && v.resolved.is_empty());
+        assert_eq!(v.last_reading_at, Some(3000));
+        // Late but in range, or on the other side: nothing.
+        assert!(
+            on_readings(&stored, &[(2600, 4.0), (2700, -9.0)])
+                .peaks
+                .is_empty()
+        );
+        // Back in range: resolved, the peak stays what it was.
+        let v = on_readings(&stored, &[(5000, 3.0)]);
+        assert!(v.peaks.is_empty());
+        assert_eq!(v.resolved.len(), 1);
+    }
+
+    #[test]
+    fn peak_of_a_low_excursion_is_its_lowest_reading() {
+        let v = on_readings(&unit(), &[(1000, -1.0), (2000, -4.0), (3000, -2.0)]);
+        assert_eq!(v.opened.len(), 1);
+        assert_eq!(v.opened[0].peak_value, Some(-4.0));
+        let stored = commit(unit(), &v, 3000);
+        let id = v.opened[0].id.clone();
+        let v = on_readings(&stored, &[(4000, -6.5)]);
+        assert_eq!(v.peaks, vec![(id, -6.5)]);
+        // A jump from low straight to high: the new temp_high alert starts its own peak.
+        let stored = commit(stored, &v, 4000);
+        let v = on_readings(&stored, &[(5000, 8.0), (6000, 11.0)]);
+        assert!(v.peaks.is_empty());
+        assert_eq!(v.opened[0].alert_type, TempHigh);
+        assert_eq!(v.opened[0].peak_value, Some(11.0));
+    }
+
+    #[test]
+    fn offline_alerts_have_no_peak() {
+        let stored = commit(unit(), &on_readings(&unit(), &[(1000, 3.0)]), 1000);
+        let off = on_silence(&stored, 61_000).expect("offline");
+        assert_eq!(off.opened[0].peak_value, None);
+        assert!(off.peaks.is_empty());
     }
 
     fn events(v: &Verdict) -> Vec<&'static str> {

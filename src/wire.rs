@@ -167,6 +167,32 @@ pub struct Alert {
     pub value: Option<f64>,
     #[schema(required = true)]
     pub threshold: Option<f64>,
+    /// When it was acknowledged (`POST /api/alerts/{alertId}/acknowledge`), or `null`.
+    #[schema(required = true, format = DateTime)]
+    pub acknowledged_at: Option<String>,
+    /// The `sub` of the user who acknowledged it, or `null`.
+    #[schema(required = true)]
+    pub acknowledged_by: Option<String>,
+    /// The acknowledgement's note, or `null`.
+    #[schema(required = true)]
+    pub note: Option<String>,
+    /// The most extreme out-of-range reading of the excursion so far: the highest for
+    /// `temp_high`, the lowest for `temp_low`; `null` for `offline`.
+    #[schema(required = true)]
+    pub peak_value: Option<f64>,
+    /// `resolvedAt − triggeredAt` in seconds (millisecond precision); `null` while active.
+    #[schema(required = true)]
+    pub duration_seconds: Option<f64>,
+}
+
+/// The body of `POST /api/alerts/{alertId}/acknowledge`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, TS, ToSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct AcknowledgeAlert {
+    /// What was done, for the record (at most 1000 characters).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[ts(optional)]
+    pub note: Option<String>,
 }
 
 /// The JSON body of every HTTP error.
@@ -399,6 +425,25 @@ pub struct AlertResolved {
     pub unit_id: String,
     #[schema(format = DateTime)]
     pub resolved_at: String,
+    /// Position in the organisation's event log (see "Missed events after a reconnect"); set
+    /// when the event is sent, so the pipeline leaves it empty.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[ts(optional)]
+    pub offset: Option<String>,
+}
+
+/// `alert:acknowledged`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, TS, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct AlertAcknowledged {
+    pub alert_id: String,
+    pub unit_id: String,
+    #[schema(format = DateTime)]
+    pub acknowledged_at: String,
+    /// The `sub` of the user who acknowledged it.
+    pub acknowledged_by: String,
+    #[schema(required = true)]
+    pub note: Option<String>,
     /// Position in the organisation's event log (see "Missed events after a reconnect"); set
     /// when the event is sent, so the pipeline leaves it empty.
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -283,3 +283,83 @@ async fn unannounced_events_are_claimed_after_their_lease() {
         db.drop_db().await;
     }
 }
+
+/// The peak of an excursion is decided under the unit's row lock from the stored one: readings
+/// racing through two nodes, in any order of commits, leave the highest of them; and of two
+/// nodes acknowledging the same alert at once, exactly one does.
+#[tokio::test]
+async fn peaks_and_acknowledgements_race_through_two_nodes() {
+    use sensorwire::store::Acknowledge;
+    for engine in engines().await {
+        let (db, a, b) = nodes(engine).await;
+        unit(&a, "u").await;
+        assert_eq!(post(&a, "u", 1_000, 6.0).await.len(), 2, "opened");
+        // Out-of-range readings at distinct times, spread over both nodes, committed at once.
+        let temps: Vec<f64> = (0..20)
+            .map(|i| 6.0 + f64::from((i * 7) % 20) / 2.0)
+            .collect();
+        let highest = temps.iter().cloned().fold(f64::MIN, f64::max);
+        let posts = temps.iter().enumerate().map(|(i, t)| {
+            let node = if i % 2 == 0 { &a } else { &b };
+            post(node, "u", 2_000 + i as i64, *t)
+        });
+        futures_util::future::join_all(posts).await;
+        let active = a
+            .list_alerts("o", Some(AlertStatus::Active), 10)
+            .await
+            .unwrap();
+        assert_eq!(active.len(), 1, "{engine:?}: one excursion");
+        assert_eq!(active[0].peak_value, Some(highest), "{engine:?}");
+        let id = active[0].id.clone();
+
+        let (x, y) = tokio::join!(
+            a.acknowledge_alert("o", &id, None, "ann", Some("from a"), 10_000),
+            b.acknowledge_alert("o", &id, None, "bob", Some("from b"), 10_001),
+        );
+        let outcomes = [x.unwrap(), y.unwrap()];
+        let done: Vec<_> = outcomes
+            .iter()
+            .filter_map(|o| match o {
+                Acknowledge::Done(row, event) => Some((row, event)),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(done.len(), 1, "{engine:?}: exactly one wins: {outcomes:?}");
+        assert!(
+            outcomes.iter().any(|o| matches!(o, Acknowledge::Already)),
+            "{outcomes:?}"
+        );
+        let (row, event) = done[0];
+        assert_eq!(event.event, "alert:acknowledged");
+        let stored = &a.list_alerts("o", None, 10).await.unwrap()[0];
+        assert_eq!(
+            stored.acknowledged_by, row.acknowledged_by,
+            "storage agrees"
+        );
+        assert_eq!(stored.note, row.note);
+        // The event is an outbox row: a node that died after the commit leaves it to the relay.
+        let claimed = b.claim_outbox(20_000, 100).await.unwrap();
+        assert!(
+            claimed.iter().any(|e| e.id == event.id),
+            "{engine:?}: {claimed:?}"
+        );
+        b.release(&[Leased::Event(event.id)]).await.unwrap();
+        // Unknown, or outside the caller's sites: not found.
+        let elsewhere = vec!["other-site".to_string()];
+        assert!(matches!(
+            a.acknowledge_alert("o", &id, Some(&elsewhere), "c", None, 1)
+                .await
+                .unwrap(),
+            Acknowledge::NotFound
+        ));
+        assert!(matches!(
+            a.acknowledge_alert("o", "al-none", None, "c", None, 1)
+                .await
+                .unwrap(),
+            Acknowledge::NotFound
+        ));
+        a.close().await;
+        b.close().await;
+        db.drop_db().await;
+    }
+}

@@ -1,5 +1,6 @@
 //! The HTTP API: one router per resource, merged here, all sharing one [`AppState`].
 
+mod alerts;
 mod demo;
 mod error;
 mod events;
@@ -47,6 +48,9 @@ pub struct AppState {
     /// Publish and ingest rate limits, by caller.
     pub rate_limits: Arc<events::KeyedLimits>,
     pub metrics: metrics_exporter_prometheus::PrometheusHandle,
+    /// This node's monitor, for the events an HTTP request commits (an acknowledgement): weak,
+    /// so it does not keep the monitor running past the ingest writer at shutdown.
+    pub announce: tokio::sync::mpsc::WeakSender<crate::monitor::Handover>,
 }
 
 /// The API routes (without Socket.io, which is a layer added in `lib.rs`).
@@ -57,6 +61,7 @@ pub fn router(state: AppState) -> Router {
         .merge(ingest::router())
         .merge(sites::router())
         .merge(units::router())
+        .merge(alerts::router())
         .merge(keys::router())
         .merge(events::router())
         .merge(crate::ws::router())

@@ -3,7 +3,7 @@
 use utoipa::openapi::security::{ApiKey, ApiKeyValue, HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
-use super::{events, health, ingest, keys, sites, units};
+use super::{alerts, events, health, ingest, keys, sites, units};
 use crate::wire;
 
 #[derive(OpenApi)]
@@ -18,7 +18,7 @@ use crate::wire;
         health::healthz, health::readyz, health::metrics, ingest::ingest,
         sites::list, sites::get_one, sites::create, sites::remove,
         units::list, units::get_one, units::create, units::update, units::remove,
-        units::latest, units::readings, units::alerts,
+        units::latest, units::readings, alerts::list, alerts::export_csv, alerts::acknowledge,
         keys::create, keys::revoke, events::publish,
     ),
     components(schemas(
@@ -27,7 +27,8 @@ use crate::wire;
         wire::CreateSite, wire::CreateUnit, wire::UpdateUnit, wire::CreateApiKey,
         wire::ApiKeyCreated, wire::KeyScope,
         wire::IngestRequest, wire::IngestReading, wire::IngestResponse,
-        wire::ReadingsBatch, wire::AlertTriggered, wire::AlertResolved, wire::UnitStatusChanged,
+        wire::ReadingsBatch, wire::AlertTriggered, wire::AlertResolved, wire::AlertAcknowledged,
+        wire::AcknowledgeAlert, wire::UnitStatusChanged,
         wire::SyncComplete, wire::SyncRequest, wire::MissedEvent, wire::SyncAck,
         wire::PublishRequest, wire::PublishResponse,
         wire::WsChannel, wire::WsClientMessage, wire::WsServerMessage, wire::TelemetryData,

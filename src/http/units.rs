@@ -1,4 +1,4 @@
-//! `/api/units` (reads for any role, writes for admins), a unit's readings, and `/api/alerts`.
+//! `/api/units` (reads for any role, writes for admins) and a unit's readings.
 
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
@@ -10,7 +10,7 @@ use super::sites::{resolve_id, valid_name};
 use super::{Admin, AppError, AppState, Json, Query, User, parse_time_param};
 use crate::auth::UserClaims;
 use crate::store::{NewUnit, ReadingsQuery, UnitRow};
-use crate::wire::{Alert, AlertStatus, CreateUnit, SensorReading, Unit, UpdateUnit};
+use crate::wire::{CreateUnit, SensorReading, Unit, UpdateUnit};
 
 pub fn router() -> Router<AppState> {
     Router::new()
@@ -18,7 +18,6 @@ pub fn router() -> Router<AppState> {
         .route("/api/units/{id}", get(get_one).patch(update).delete(remove))
         .route("/api/units/{id}/latest", get(latest))
         .route("/api/units/{id}/readings", get(readings))
-        .route("/api/alerts", get(alerts))
 }
 
 /// The unit if it exists in the caller's org and lies within the caller's sites.
@@ -223,36 +222,4 @@ pub async fn remove(
     } else {
         Err(AppError::NotFound(format!("no unit {id:?}")))
     }
-}
-
-#[derive(Debug, Deserialize, utoipa::IntoParams)]
-pub struct AlertParams {
-    /// `active` or `resolved`; both when absent.
-    status: Option<AlertStatus>,
-    /// Newest first, at most this many (default 500, at most 5000).
-    limit: Option<i64>,
-}
-
-/// The organisation's alerts, newest first (only the caller's sites with `site_ids`).
-#[utoipa::path(get, path = "/api/alerts", tag = "alerts", security(("bearer" = [])),
-    params(AlertParams),
-    responses((status = 200, body = [Alert]), (status = 401, body = crate::wire::ApiError)))]
-pub async fn alerts(
-    State(app): State<AppState>,
-    User(user): User,
-    Query(p): Query<AlertParams>,
-) -> Result<JsonBody<Vec<Alert>>, AppError> {
-    let limit = p.limit.unwrap_or(500);
-    if !(1..=5000).contains(&limit) {
-        return Err(AppError::validation("limit", "must be between 1 and 5000"));
-    }
-    // Restricted users: filter after fetching; the org-wide list is bounded by `limit` and
-    // restricted dashboards ask for the active alerts, which are few.
-    let rows = app.store.list_alerts(&user.org_id, p.status, limit).await?;
-    Ok(JsonBody(
-        rows.into_iter()
-            .filter(|a| user.can_see_site(&a.site_id))
-            .map(Alert::from)
-            .collect(),
-    ))
 }

@@ -17,6 +17,7 @@ use std::time::Duration;
 
 use sqlx::{PgPool, SqlitePool};
 
+pub use alerts::{Acknowledge, AlertQuery};
 pub use readings::{Committed, Outcomes, ReadingKey};
 pub use rows::{AlertRow, ApiKeyRow, ReadingRow, UnitRow};
 pub use unit_state::{LEASE_MS, Leased, OutboxEvent, PendingReading};
@@ -49,6 +50,9 @@ macro_rules! execute {
             .map(|r| r.rows_affected()))
     };
 }
+
+// After the macros, which it uses.
+mod alerts;
 
 /// A handle on the database; cheap to clone.
 #[derive(Clone)]

@@ -70,7 +70,8 @@ impl From<ReadingRow> for SensorReading {
 }
 
 pub(super) const ALERT_SELECT: &str = "SELECT id, unit_id, site_id, alert_type, severity, \
-    message, status, triggered_at, resolved_at, value, threshold FROM alerts";
+    message, status, triggered_at, resolved_at, value, threshold, acknowledged_at, \
+    acknowledged_by, note, peak_value FROM alerts";
 
 #[derive(Debug, Clone, sqlx::FromRow)]
 pub struct AlertRow {
@@ -85,6 +86,10 @@ pub struct AlertRow {
     pub resolved_at: Option<i64>,
     pub value: Option<f64>,
     pub threshold: Option<f64>,
+    pub acknowledged_at: Option<i64>,
+    pub acknowledged_by: Option<String>,
+    pub note: Option<String>,
+    pub peak_value: Option<f64>,
 }
 
 impl From<AlertRow> for Alert {
@@ -109,6 +114,14 @@ impl From<AlertRow> for Alert {
             resolved_at: r.resolved_at.map(format_time),
             value: r.value,
             threshold: r.threshold,
+            acknowledged_at: r.acknowledged_at.map(format_time),
+            acknowledged_by: r.acknowledged_by,
+            note: r.note,
+            peak_value: r.peak_value,
+            // Milliseconds to seconds: exact to the millisecond as a decimal number.
+            duration_seconds: r
+                .resolved_at
+                .map(|at| (at - r.triggered_at) as f64 / 1000.0),
         }
     }
 }

@@ -76,6 +76,7 @@ pub(super) struct Sql {
     write_units: String,
     insert_alerts: String,
     resolve_alerts: String,
+    raise_peaks: String,
     insert_outbox: String,
     claim_outbox: String,
     renew_outbox: String,
@@ -100,7 +101,8 @@ impl Sql {
                  ON u.org_id = k.o AND u.id = k.i ORDER BY u.org_id, u.id{lock}"
             ),
             open_alerts: format!(
-                "SELECT a.org_id, a.unit_id, a.id, a.alert_type FROM alerts AS a \
+                "SELECT a.org_id, a.unit_id, a.id, a.alert_type, a.peak_value, a.triggered_at \
+                 FROM alerts AS a \
                  JOIN (SELECT value->>0 AS o, value->>1 AS i FROM {rows}) AS k \
                  ON a.org_id = k.o AND a.unit_id = k.i WHERE a.status = 'active'"
             ),
@@ -115,11 +117,18 @@ impl Sql {
             ),
             insert_alerts: format!(
                 "INSERT INTO alerts (id, org_id, unit_id, site_id, alert_type, severity, message, \
-                 status, triggered_at, value, threshold, resolved_at) \
+                 status, triggered_at, value, threshold, resolved_at, peak_value) \
                  SELECT value->>0, value->>1, value->>2, value->>3, value->>4, value->>5, \
                  value->>6, value->>7, CAST(value->>8 AS BIGINT), \
                  CAST(value->>9 AS DOUBLE PRECISION), CAST(value->>10 AS DOUBLE PRECISION), \
-                 CAST(value->>11 AS BIGINT) FROM {rows} ORDER BY n"
+                 CAST(value->>11 AS BIGINT), CAST(value->>12 AS DOUBLE PRECISION) \
+                 FROM {rows} ORDER BY n"
+            ),
+            // Decided by `verdict` under the unit's row lock, from the stored peak.
+            raise_peaks: format!(
+                "UPDATE alerts SET peak_value = v.p \
+                 FROM (SELECT value->>0 AS id, CAST(value->>1 AS DOUBLE PRECISION) AS p \
+                 FROM {rows}) AS v WHERE alerts.id = v.id"
             ),
             resolve_alerts: format!(
                 "UPDATE alerts SET status = 'resolved', resolved_at = v.at \
@@ -201,7 +210,7 @@ struct UnitRow {
 /// Builds the stored units from their locked rows and their open alerts.
 fn stored_units(
     rows: Vec<UnitRow>,
-    open: Vec<(String, String, String, String)>,
+    open: Vec<(String, String, String, String, Option<f64>, i64)>,
 ) -> Vec<StoredUnit> {
     let mut units: Vec<StoredUnit> = rows
         .into_iter()
@@ -221,15 +230,21 @@ fn stored_units(
             last_temperature: r.last_temperature,
             last_seen_at: r.last_seen_at,
             open: Vec::new(),
+            peaks: Vec::new(),
+            triggered: Vec::new(),
         })
         .collect();
-    for (org, unit, id, kind) in open {
+    for (org, unit, id, kind, peak, triggered_at) in open {
         if let (Some(u), Some(kind)) = (
             units
                 .iter_mut()
                 .find(|u| u.org_id == org && u.unit_id == unit),
             AlertType::parse(&kind),
         ) {
+            if let Some(peak) = peak {
+                u.peaks.push((id.clone(), peak));
+            }
+            u.triggered.push((id.clone(), triggered_at));
             u.open.push((id, kind));
         }
     }
@@ -258,6 +273,7 @@ struct Writes {
     units: String,
     alerts: Option<String>,
     resolved: Option<String>,
+    peaks: Option<String>,
     outbox: Option<String>,
     /// Announcements in outbox order (their ids come back from the insert).
     events: Vec<(String, &'static str, String, String)>,
@@ -268,6 +284,7 @@ fn writes(verdicts: &[(&StoredUnit, Verdict, Option<i64>)]) -> Writes {
     let mut units = Vec::with_capacity(verdicts.len());
     let mut alerts = Vec::new();
     let mut resolved = Vec::new();
+    let mut peaks = Vec::new();
     let mut events = Vec::new();
     for (u, v, seen) in verdicts {
         units.push(json!([
@@ -299,11 +316,15 @@ fn writes(verdicts: &[(&StoredUnit, Verdict, Option<i64>)]) -> Writes {
                 a.triggered_at,
                 a.value,
                 a.threshold,
-                a.resolved_at
+                a.resolved_at,
+                a.peak_value
             ]));
         }
         for (id, at) in &v.resolved {
             resolved.push(json!([id, at]));
+        }
+        for (id, peak) in &v.peaks {
+            peaks.push(json!([id, peak]));
         }
         for e in &v.events {
             let rooms = serde_json::to_string(&e.rooms).unwrap_or_default();
@@ -324,6 +345,7 @@ fn writes(verdicts: &[(&StoredUnit, Verdict, Option<i64>)]) -> Writes {
         units: json!(units).to_string(),
         alerts: nonempty(alerts),
         resolved: nonempty(resolved),
+        peaks: nonempty(peaks),
         outbox,
         events,
     }
@@ -360,10 +382,11 @@ macro_rules! engine_functions {
             // A statement of its own, after the locks are held: in PostgreSQL a subquery of the
             // locking statement would read the snapshot taken before it waited for a lock, and
             // miss an alert the other transaction had just opened.
-            let open: Vec<(String, String, String, String)> = sqlx::query_as(&sql.open_alerts)
-                .bind(keys)
-                .fetch_all(&mut *conn)
-                .await?;
+            let open: Vec<(String, String, String, String, Option<f64>, i64)> =
+                sqlx::query_as(&sql.open_alerts)
+                    .bind(keys)
+                    .fetch_all(&mut *conn)
+                    .await?;
             Ok(stored_units(rows, open))
         }
 
@@ -382,6 +405,13 @@ macro_rules! engine_functions {
             if let Some(alerts) = &w.alerts {
                 sqlx::query(&sql.insert_alerts)
                     .bind(alerts)
+                    .execute(&mut *conn)
+                    .await?;
+            }
+            // Before resolving: an alert may reach its peak and resolve in one commit.
+            if let Some(peaks) = &w.peaks {
+                sqlx::query(&sql.raise_peaks)
+                    .bind(peaks)
                     .execute(&mut *conn)
                     .await?;
             }

@@ -217,7 +217,7 @@ export function assertStoryOnDashboard(d, unitId, story, what) {
 
 /** `GET /api/alerts` (validated; `limit=1000`, optional `status`), only those of `unitId`. */
 export async function storedAlerts(node, token, unitId, status) {
-  const q = new URLSearchParams({ limit: '1000' });
+  const q = new URLSearchParams({ limit: '1000', unitId });
   if (status) q.set('status', status);
   const res = await api(node, 'GET', `/api/alerts?${q}`, { token });
   assertStatus(res, 200, `GET /api/alerts?${q} on ${node.name ?? node.url}:`);

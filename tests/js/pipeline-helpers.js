@@ -93,7 +93,11 @@ export async function storedReadings(gw, token, unitId, query = '') {
 
 /** `GET /api/alerts?status=...` (validated), optionally only those of `unitId`. */
 export async function listAlerts(gw, token, { status, unitId } = {}) {
-  const res = await api(gw, 'GET', `/api/alerts${status ? `?status=${status}` : ''}`, { token });
+  // Filtered by the server (a shared gateway may hold more alerts than one page).
+  const q = new URLSearchParams({ limit: '1000' });
+  if (status) q.set('status', status);
+  if (unitId) q.set('unitId', unitId);
+  const res = await api(gw, 'GET', `/api/alerts?${q}`, { token });
   assertStatus(res, 200, 'GET /api/alerts:');
   assert.ok(Array.isArray(res.body), 'alerts list is a bare JSON array');
   for (const a of res.body) assertSchema('Alert', a);

@@ -163,6 +163,13 @@ export function alertFromTriggered(a: AlertTriggered): Alert {
     resolvedAt: null,
     value: a.value,
     threshold: a.threshold,
+    // The Alert fields of the lifecycle (proto): a new alert is unacknowledged, its peak so far
+    // is the reading that opened it, and it has no duration while active.
+    acknowledgedAt: null,
+    acknowledgedBy: null,
+    note: null,
+    peakValue: a.value,
+    durationSeconds: null,
   };
 }
 
