@@ -378,3 +378,65 @@ async fn acknowledge_once_by_operators_of_the_alerts_sites() {
         gw.stop().await;
     }
 }
+
+/// The chart's long ranges: `points` gives at most that many real readings over the window,
+/// and the excursion's extremes are among them.
+#[tokio::test]
+async fn long_ranges_come_back_downsampled_with_their_extremes() {
+    for engine in engines().await {
+        let gw = Gateway::start(engine).await;
+        seed(&gw, "acme").await;
+        let op = gw.token("acme", Role::Operator, None);
+        let viewer = gw.token("acme", Role::Viewer, None);
+        let base = chrono::Utc::now().timestamp_millis() - 3_600_000;
+        // 600 readings a second apart around 3 °C, with one spike to 9.5 and one dip to -1.
+        let readings: Vec<(i64, f64)> = (0..600)
+            .map(|i| {
+                let t = match i {
+                    200 => 9.5,
+                    400 => -1.0,
+                    _ => 3.0 + f64::from(i % 7) / 10.0,
+                };
+                (i64::from(i) * 1_000, t)
+            })
+            .collect();
+        for chunk in readings.chunks(200) {
+            ingest(&gw, &op, "u-1", chunk, base).await;
+        }
+        let since = at(base, 0);
+        let until = at(base, 600_000);
+        let (status, body) = gw
+            .get(
+                &format!("/api/units/u-1/readings?since={since}&until={until}&points=20"),
+                &viewer,
+            )
+            .await;
+        assert_eq!(status, 200, "{body}");
+        let list = body.as_array().unwrap();
+        assert!(
+            !list.is_empty() && list.len() <= 20,
+            "{} readings",
+            list.len()
+        );
+        let temps: Vec<f64> = list
+            .iter()
+            .map(|r| r["temperature"].as_f64().unwrap())
+            .collect();
+        assert!(temps.contains(&9.5) && temps.contains(&-1.0), "{temps:?}");
+        let times: Vec<&str> = list
+            .iter()
+            .map(|r| r["recordedAt"].as_str().unwrap())
+            .collect();
+        assert!(times.windows(2).all(|w| w[0] < w[1]), "oldest first");
+        // `points` needs a window and a sane count.
+        for bad in [
+            "/api/units/u-1/readings?points=20".to_string(),
+            format!("/api/units/u-1/readings?since={since}&points=1"),
+        ] {
+            let (status, body) = gw.get(&bad, &viewer).await;
+            assert_eq!(status, 422, "{bad}: {body}");
+            assert_eq!(body["error"], "validation_failed");
+        }
+        gw.stop().await;
+    }
+}

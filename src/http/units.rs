@@ -9,7 +9,7 @@ use serde::Deserialize;
 use super::sites::{resolve_id, valid_name};
 use super::{Admin, AppError, AppState, Json, Query, User, parse_time_param};
 use crate::auth::UserClaims;
-use crate::store::{NewUnit, ReadingsQuery, UnitRow};
+use crate::store::{Downsample, NewUnit, ReadingsQuery, UnitRow, now_ms};
 use crate::wire::{CreateUnit, SensorReading, Unit, UpdateUnit};
 
 pub fn router() -> Router<AppState> {
@@ -78,6 +78,11 @@ pub struct ReadingsParams {
     until: Option<String>,
     /// How many of the newest readings in the window (default 1000, at most 10000).
     limit: Option<i64>,
+    /// For a chart of a long range (2–10000; needs `since`): at most this many readings over the
+    /// whole window — every reading when it holds no more, otherwise the window is cut into
+    /// `points / 2` equal spans and each span gives its lowest and highest reading, so an
+    /// excursion's extreme is always among them. `limit` does not apply.
+    points: Option<i64>,
 }
 
 /// A unit's readings in a time window: the newest `limit`, oldest first.
@@ -101,7 +106,29 @@ pub async fn readings(
         until: parse_time_param("until", p.until.as_deref())?,
         limit,
     };
-    let rows = app.store.readings(&user.org_id, &id, &q).await?;
+    let rows = match p.points {
+        None => app.store.readings(&user.org_id, &id, &q).await?,
+        Some(points) => {
+            if !(2..=10_000).contains(&points) {
+                return Err(AppError::validation(
+                    "points",
+                    "must be between 2 and 10000",
+                ));
+            }
+            let Some(since) = q.since else {
+                return Err(AppError::validation("since", "is required with points"));
+            };
+            let until = q.until.unwrap_or_else(now_ms);
+            let d = Downsample {
+                since,
+                until,
+                buckets: points / 2,
+            };
+            app.store
+                .readings_downsampled(&user.org_id, &id, &d)
+                .await?
+        }
+    };
     Ok(JsonBody(
         rows.into_iter().map(SensorReading::from).collect(),
     ))

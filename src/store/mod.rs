@@ -142,6 +142,15 @@ pub struct ReadingsQuery {
     pub limit: i64,
 }
 
+/// Long ranges for a chart: when the window `[since, until]` holds more than `2 × buckets`
+/// readings, it is cut into `buckets` equal spans and each span gives only its lowest and its
+/// highest reading — real readings, so an excursion's peak is never averaged away.
+pub struct Downsample {
+    pub since: i64,
+    pub until: i64,
+    pub buckets: i64,
+}
+
 impl Store {
     /// Connects (creating an SQLite file and its directory if needed) and applies migrations.
     pub async fn open(url: &str) -> Result<Self> {
@@ -385,6 +394,37 @@ impl Store {
             .await)?;
         rows.reverse();
         Ok(rows)
+    }
+
+    /// A unit's readings in a window, at most two per bucket (see [`Downsample`]), oldest
+    /// first.
+    pub async fn readings_downsampled(
+        &self,
+        org: &str,
+        unit: &str,
+        d: &Downsample,
+    ) -> Result<Vec<ReadingRow>> {
+        let width = ((d.until - d.since) / d.buckets.max(1)).max(1);
+        let sql = "SELECT id, unit_id, device_id, temperature, humidity, battery, \
+             signal_strength, recorded_at, source FROM (SELECT *, \
+             ROW_NUMBER() OVER (PARTITION BY (recorded_at - $3) / $5 \
+             ORDER BY temperature ASC, recorded_at, id) AS low, \
+             ROW_NUMBER() OVER (PARTITION BY (recorded_at - $3) / $5 \
+             ORDER BY temperature DESC, recorded_at, id) AS high, \
+             COUNT(*) OVER () AS total \
+             FROM readings WHERE org_id = $1 AND unit_id = $2 \
+             AND recorded_at >= $3 AND recorded_at <= $4) AS b \
+             WHERE total <= $6 OR low = 1 OR high = 1 ORDER BY recorded_at, id";
+        with_pool!(self, |p| sqlx::query_as(sql)
+            .bind(org)
+            .bind(unit)
+            .bind(d.since)
+            .bind(d.until)
+            .bind(width)
+            .bind(d.buckets * 2)
+            .fetch_all(p)
+            .await)
+        .map_err(Into::into)
     }
 
     // ---- alerts -------------------------------------------------------------------------------

@@ -1,7 +1,6 @@
 import { useMemo, useState } from 'react';
 import {
   RANGES,
-  RANGE_LIMIT,
   useRangeReadings,
   useRecentReadings,
   useSites,
@@ -125,11 +124,6 @@ export function UnitDetail({ unitId }: { unitId: string }) {
                 window={{ start: windowStart, end: now }}
                 range={range}
               />
-              {(ranged.data?.length ?? 0) >= RANGE_LIMIT && (
-                <p className="chart-note muted" data-testid="chart-truncated">
-                  Showing the newest {RANGE_LIMIT.toLocaleString()} readings of this period.
-                </p>
-              )}
             </>
           )}
           {unit && (

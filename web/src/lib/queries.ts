@@ -103,13 +103,16 @@ export const RANGES: { key: RangeKey; label: string; seconds: number }[] = [
   { key: '7d', label: '7 days', seconds: 7 * 24 * 3600 },
 ];
 
-/** The most readings one range asks for (the gateway's maximum `limit`). */
-export const RANGE_LIMIT = 10_000;
+/**
+ * The most readings one range asks for. The gateway downsamples the window (`points`): it cuts
+ * it into `RANGE_POINTS / 2` spans and answers each span's lowest and highest reading, so a day
+ * or a week of one-second readings comes back whole in shape, its excursions' extremes included.
+ */
+export const RANGE_POINTS = 1200;
 
 /**
- * A unit's readings over a time range, from the REST reads (`since`/`until`/`limit`); live readings
- * are added to it as they arrive (`live.ts`). The gateway answers the newest `limit` of the window:
- * `truncated` says the window held more than that.
+ * A unit's readings over a time range, from the REST reads (`since` + `points`); live readings
+ * are added to it as they arrive (`live.ts`).
  */
 export function useRangeReadings(unitId: string, range: RangeKey | null) {
   return useQuery({
@@ -119,7 +122,7 @@ export function useRangeReadings(unitId: string, range: RangeKey | null) {
       const seconds = RANGES.find((r) => r.key === range)!.seconds;
       const since = new Date(Date.now() - seconds * 1000).toISOString();
       return apiGet<SensorReading[]>(
-        `/api/units/${encodeURIComponent(unitId)}/readings?since=${encodeURIComponent(since)}&limit=${RANGE_LIMIT}`,
+        `/api/units/${encodeURIComponent(unitId)}/readings?since=${encodeURIComponent(since)}&points=${RANGE_POINTS}`,
         signal,
       );
     },
