@@ -22,6 +22,7 @@ pub mod store;
 pub mod units;
 pub mod verdict;
 pub mod web;
+pub mod webhooks;
 pub mod wire;
 pub mod ws;
 
@@ -270,6 +271,15 @@ async fn serve<A: Adapter>(
             Duration::from_millis(l.offline_sweep_ms),
         ),
     );
+    // Webhook deliveries: stored with their events, sent by whichever node claims them.
+    let webhooks = pipeline.spawn(
+        "webhooks",
+        webhooks::Worker {
+            store: store.clone(),
+            allow_private: config.webhook_allow_private,
+        }
+        .run(sweep_stop.clone()),
+    );
     let mut expiry_stop = sweep_stop.clone();
     tokio::spawn(expiry.run(io.clone(), async move {
         expiry_stop.wait_for(|s| *s).await.ok();
@@ -322,7 +332,7 @@ async fn serve<A: Adapter>(
         }
         supervisor.stopping();
         stop.send(true).ok();
-        for task in [writer, fanout, monitor] {
+        for task in [writer, fanout, monitor, webhooks] {
             task.await.ok();
         }
         stop_emitter.send(()).ok();

@@ -10,6 +10,7 @@ mod keys;
 pub mod openapi;
 mod sites;
 mod units;
+mod webhooks;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -59,6 +60,7 @@ pub fn router(state: AppState) -> Router {
         .merge(units::router())
         .merge(keys::router())
         .merge(events::router())
+        .merge(webhooks::router())
         .merge(crate::ws::router())
         .merge(demo::router(state.config.demo))
         .route(

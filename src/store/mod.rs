@@ -50,6 +50,9 @@ macro_rules! execute {
     };
 }
 
+mod webhooks;
+pub use webhooks::{AttemptRecord, ClaimedDelivery, DeliveryRow, WebhookRow};
+
 /// A handle on the database; cheap to clone.
 #[derive(Clone)]
 pub struct Store {
