@@ -207,6 +207,7 @@ impl Worker {
     /// Runs until `stop` turns true, then lets the attempts in flight finish (each ends within
     /// [`TIMEOUT`]) so that their outcomes are recorded.
     pub async fn run(self, mut stop: watch::Receiver<bool>) {
+        install_tls_provider();
         let this = Arc::new(self);
         let mut inflight: JoinSet<()> = JoinSet::new();
         let mut tick = tokio::time::interval(POLL);
@@ -338,6 +339,12 @@ impl Worker {
             .map_err(describe)?;
         Ok(i32::from(response.status().as_u16()))
     }
+}
+
+/// reqwest's rustls needs a process-wide crypto provider: aws-lc-rs, the one fred's rustls
+/// already uses. Installing it twice (another worker, tests) is harmless.
+pub fn install_tls_provider() {
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
 }
 
 /// The body as sent; `data` is the stored payload, byte for byte.
