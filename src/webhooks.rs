@@ -20,6 +20,7 @@
 //! the 24 hours are over. The attempt connects to the address that was checked (no second
 //! lookup) and follows no redirects.
 
+use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
@@ -40,6 +41,8 @@ pub const TIMEOUT: Duration = Duration::from_secs(10);
 pub const POLL: Duration = Duration::from_millis(500);
 /// Attempts in flight per node.
 pub const CONCURRENCY: usize = 8;
+/// How long attempts in flight may take to finish once the node is stopping.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(3);
 /// How long a claimed delivery is this node's: well over [`TIMEOUT`], so a live node never loses
 /// one it is still sending.
 pub const LEASE_MS: i64 = 60_000;
@@ -204,20 +207,28 @@ pub struct Worker {
 }
 
 impl Worker {
-    /// Runs until `stop` turns true, then lets the attempts in flight finish (each ends within
-    /// [`TIMEOUT`]) so that their outcomes are recorded.
+    /// Runs until `stop` turns true, then gives the attempts in flight [`SHUTDOWN_GRACE`] to
+    /// finish and be recorded; those still running are cut off and their leases released, so
+    /// that the next node (or this one restarted) attempts them again at once.
     pub async fn run(self, mut stop: watch::Receiver<bool>) {
         install_tls_provider();
         let this = Arc::new(self);
         let mut inflight: JoinSet<()> = JoinSet::new();
+        // The deliveries in flight, by task, for releasing them at shutdown.
+        let mut leased: HashMap<tokio::task::Id, String> = HashMap::new();
         let mut tick = tokio::time::interval(POLL);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut claim_failing = false;
         loop {
             tokio::select! {
                 _ = stop.wait_for(|s| *s) => break,
-                Some(done) = inflight.join_next(), if !inflight.is_empty() => {
-                    if let Err(e) = done {
-                        tracing::warn!(error = %e, "webhook attempt task failed");
+                Some(done) = inflight.join_next_with_id(), if !inflight.is_empty() => {
+                    match done {
+                        Ok((id, ())) => { leased.remove(&id); }
+                        Err(e) => {
+                            leased.remove(&e.id());
+                            tracing::warn!(error = %e, "webhook attempt task failed");
+                        }
                     }
                 }
                 _ = tick.tick() => {}
@@ -233,15 +244,48 @@ impl Worker {
                 .await
             {
                 Ok(claimed) => {
+                    if std::mem::take(&mut claim_failing) {
+                        tracing::info!("claiming webhook deliveries works again");
+                    }
                     for d in claimed {
                         let this = this.clone();
-                        inflight.spawn(async move { this.attempt(d).await });
+                        let delivery = d.id.clone();
+                        let handle = inflight.spawn(async move { this.attempt(d).await });
+                        leased.insert(handle.id(), delivery);
                     }
                 }
-                Err(e) => tracing::warn!(error = %e, "claiming webhook deliveries failed"),
+                // Once per outage, not every poll.
+                Err(e) if !claim_failing => {
+                    claim_failing = true;
+                    tracing::warn!(error = %e, "claiming webhook deliveries failed; retrying every poll");
+                }
+                Err(_) => {}
             }
         }
-        while inflight.join_next().await.is_some() {}
+        let drained = tokio::time::timeout(SHUTDOWN_GRACE, async {
+            while let Some(done) = inflight.join_next_with_id().await {
+                if let Ok((id, ())) = done {
+                    leased.remove(&id);
+                }
+            }
+        })
+        .await;
+        if drained.is_err() {
+            inflight.abort_all();
+            while let Some(done) = inflight.join_next_with_id().await {
+                if let Ok((id, ())) = done {
+                    leased.remove(&id);
+                }
+            }
+            let ids: Vec<String> = leased.into_values().collect();
+            tracing::info!(
+                count = ids.len(),
+                "webhook attempts cut off by the shutdown; released for another attempt"
+            );
+            if let Err(e) = this.store.release_deliveries(&ids).await {
+                tracing::warn!(error = %e, "releasing webhook deliveries failed; they are attempted again when their leases run out");
+            }
+        }
     }
 
     /// One attempt of one delivery, recorded.
@@ -358,10 +402,13 @@ struct Body<'a> {
     sent_at: String,
 }
 
+/// Why a request failed, without its URL (which may carry credentials): the URL is the
+/// webhook's, the reader knows it.
 fn describe(e: reqwest::Error) -> String {
     if e.is_timeout() {
         return format!("no answer within {} s", TIMEOUT.as_secs());
     }
+    let e = e.without_url();
     let mut text = e.to_string();
     let mut source = std::error::Error::source(&e);
     while let Some(s) = source {

@@ -198,4 +198,25 @@ impl Store {
         )?;
         Ok(())
     }
+
+    /// Gives up the leases of deliveries whose attempts were cut off, so that they are due at
+    /// once for any node.
+    pub async fn release_deliveries(&self, ids: &[String]) -> Result<()> {
+        if ids.is_empty() {
+            return Ok(());
+        }
+        let json = serde_json::to_string(ids).unwrap_or_default();
+        let sql = match &self.engine {
+            Engine::Sqlite(_) => {
+                "UPDATE webhook_deliveries SET lease_until = 0 \
+                 WHERE id IN (SELECT value FROM json_each($1))"
+            }
+            Engine::Postgres(_) => {
+                "UPDATE webhook_deliveries SET lease_until = 0 \
+                 WHERE id IN (SELECT json_array_elements_text($1::json))"
+            }
+        };
+        execute!(self, sql, json)?;
+        Ok(())
+    }
 }

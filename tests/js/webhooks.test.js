@@ -29,6 +29,7 @@ async function receiver(answers = []) {
       const raw = Buffer.concat(chunks);
       got.push({ headers: req.headers, raw, body: JSON.parse(raw.toString('utf8')) });
       const status = answers.length ? answers.shift() : 200;
+      if (status === 'hang') return; // never answers
       res.writeHead(status, { 'content-type': 'text/plain' }).end('ok');
     });
   });
@@ -245,6 +246,43 @@ describe('webhook delivery across a gateway restart', () => {
       const [d] = await deliveries(node, admin, hook.id);
       assert.equal(d.attempts, rx.got.length);
       assert.equal(d.lastStatus, 200);
+    } finally {
+      await rx.close();
+    }
+  });
+});
+
+describe('webhook delivery cut off by a shutdown', () => {
+  let dir;
+  let node;
+  before(() => {
+    dir = mkdtempSync(path.join(tmpdir(), 'sensorwire-hooks-'));
+  });
+  after(async () => {
+    await node?.stop();
+    rmSync(dir, { recursive: true, force: true });
+  });
+
+  it('an attempt still waiting for its answer at shutdown is released and sent again at once after the restart', async () => {
+    const secret = newSecret();
+    const databaseUrl = `sqlite://${path.join(dir, 'db.sqlite')}`;
+    const env = { WEBHOOK_ALLOW_PRIVATE: 'true', REDIS_URL: undefined };
+    node = await startNode({ name: 'A', databaseUrl, secret, env });
+    const { admin, key } = await seed(node, 'cutoff');
+    const rx = await receiver(['hang']);
+    try {
+      const hook = await createHook(node, admin, { url: rx.url, events: ['alert:triggered'] });
+      await ingest(node, key, 20);
+      await pollUntil(() => rx.got.length >= 1, { ms: 10_000, what: 'the first attempt' });
+      const stopping = Date.now();
+      await node.stop();
+      assert.ok(node.child.signalCode !== 'SIGKILL', 'the gateway exited on SIGTERM');
+      assert.ok(Date.now() - stopping < 5000, 'within the shutdown grace');
+      node = await startNode({ name: 'A2', databaseUrl, secret, env });
+      // Well before the 60 s lease would have run out.
+      await pollUntil(() => rx.got.length >= 2, { ms: 10_000, what: 'the attempt after the restart' });
+      assert.equal(rx.got[1].body.deliveryId, rx.got[0].body.deliveryId);
+      await pollUntil(async () => (await deliveries(node, admin, hook.id))[0]?.deliveredAt, { ms: 5000, what: 'recorded' });
     } finally {
       await rx.close();
     }
