@@ -71,6 +71,13 @@ pub fn jwt_verifier(config: &Config) -> anyhow::Result<JwtVerifier> {
     Ok(JwtVerifier::from_args(j, dev)?)
 }
 
+/// rustls is built with two crypto providers (aws-lc-rs for fred, ring for reqwest), so it cannot
+/// pick one by itself: fred's TLS (`rediss://`) uses the process default installed here. reqwest
+/// needs nothing (it falls back to ring). Installing twice (tests run several gateways) is harmless.
+pub fn install_tls_provider() {
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+}
+
 /// The process-wide Prometheus recorder, installed once.
 fn metrics_handle() -> anyhow::Result<metrics_exporter_prometheus::PrometheusHandle> {
     static HANDLE: std::sync::OnceLock<metrics_exporter_prometheus::PrometheusHandle> =
@@ -88,6 +95,7 @@ pub async fn run(
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
+    install_tls_provider();
     let config = Arc::new(config);
     let metrics = metrics_handle()?;
     let jwt = Arc::new(jwt_verifier(&config)?);

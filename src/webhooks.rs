@@ -211,7 +211,6 @@ impl Worker {
     /// finish and be recorded; those still running are cut off and their leases released, so
     /// that the next node (or this one restarted) attempts them again at once.
     pub async fn run(self, mut stop: watch::Receiver<bool>) {
-        install_tls_provider();
         let this = Arc::new(self);
         let mut inflight: JoinSet<()> = JoinSet::new();
         // The deliveries in flight, by task, for releasing them at shutdown.
@@ -383,12 +382,6 @@ impl Worker {
             .map_err(describe)?;
         Ok(i32::from(response.status().as_u16()))
     }
-}
-
-/// reqwest's rustls needs a process-wide crypto provider: aws-lc-rs, the one fred's rustls
-/// already uses. Installing it twice (another worker, tests) is harmless.
-pub fn install_tls_provider() {
-    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
 }
 
 /// The body as sent; `data` is the stored payload, byte for byte.
