@@ -128,6 +128,66 @@ scopes?: Array<KeyScope>, };
 export type ApiKeyCreated = { id: string, key: string, scopes: Array<KeyScope>, };
 
 /**
+ * `POST /api/webhooks` (admin).
+ */
+export type CreateWebhook = { 
+/**
+ * `http(s)` URL; private, loopback and link-local addresses are refused unless
+ * `WEBHOOK_ALLOW_PRIVATE=true`.
+ */
+url: string, 
+/**
+ * Defaults to `["alert:triggered","alert:resolved","alert:acknowledged"]`.
+ */
+events?: Array<string>, 
+/**
+ * The HMAC-SHA256 key; generated (32 random bytes, hex) when absent.
+ */
+secret?: string, };
+
+/**
+ * The answer to `POST /api/webhooks`: the only time the secret is shown.
+ */
+export type WebhookCreated = { id: string, url: string, events: Array<string>, secret: string, };
+
+/**
+ * A webhook as listed by `GET /api/webhooks` (never its secret).
+ */
+export type Webhook = { id: string, url: string, events: Array<string>, createdAt: string, };
+
+/**
+ * One event's delivery to one webhook (`GET /api/webhooks/{id}/deliveries`).
+ */
+export type WebhookDelivery = { 
+/**
+ * Also the `X-Sensorwire-Delivery` header and the body's `deliveryId`, the same on every
+ * attempt.
+ */
+deliveryId: string, event: string, 
+/**
+ * Attempts made so far (0 before the first).
+ */
+attempts: bigint, 
+/**
+ * The HTTP status of the last attempt; null before the first or when no answer came.
+ */
+lastStatus: bigint | null, 
+/**
+ * Why the last attempt failed; null before the first and after a success.
+ */
+lastError: string | null, 
+/**
+ * When the next attempt is due; null once delivered or given up.
+ */
+nextAttemptAt: string | null, deliveredAt: string | null, };
+
+/**
+ * The body POSTed to a webhook. `data` is the event's payload as dashboards receive it
+ * (without the socket `offset`).
+ */
+export type WebhookPayload = { event: string, data: unknown, orgId: string, deliveryId: string, sentAt: string, };
+
+/**
  * Why a subscription was refused. `forbidden` covers sites and units that do not exist, belong
  * to another organisation or lie outside the token's `site_ids` alike; `not_found` is for
  * malformed ids; `unavailable` when storage cannot be reached.

@@ -29,6 +29,9 @@ pub struct ServeArgs {
     /// Accept the handshake token from the `token` query parameter too (off: it leaks into logs).
     #[arg(long, env = "ALLOW_TOKEN_IN_QUERY", default_value_t = false)]
     pub allow_token_in_query: bool,
+    /// Let webhooks reach private, loopback and link-local addresses (tests, closed networks).
+    #[arg(long, env = "WEBHOOK_ALLOW_PRIVATE", default_value_t = false)]
+    pub webhook_allow_private: bool,
     /// How often buffered readings are flushed to the organisation rooms.
     #[arg(long, env = "FLUSH_INTERVAL_MS", default_value_t = 1000)]
     pub flush_interval_ms: u64,
@@ -183,6 +186,8 @@ pub struct Config {
     pub redis_url: Option<String>,
     pub jwt: JwtArgs,
     pub allow_token_in_query: bool,
+    /// Webhooks may reach private, loopback and link-local addresses.
+    pub webhook_allow_private: bool,
     pub flush_interval: Duration,
     pub cors_origins: Vec<String>,
     pub limits: Limits,
@@ -295,6 +300,7 @@ impl Config {
             redis_url: args.redis_url,
             jwt: args.jwt,
             allow_token_in_query: args.allow_token_in_query,
+            webhook_allow_private: args.webhook_allow_private,
             flush_interval: Duration::from_millis(args.flush_interval_ms),
             cors_origins: args.cors_origins,
             limits: args.limits,

@@ -22,6 +22,7 @@ pub mod store;
 pub mod units;
 pub mod verdict;
 pub mod web;
+pub mod webhooks;
 pub mod wire;
 pub mod ws;
 
@@ -70,6 +71,13 @@ pub fn jwt_verifier(config: &Config) -> anyhow::Result<JwtVerifier> {
     Ok(JwtVerifier::from_args(j, dev)?)
 }
 
+/// rustls is built with two crypto providers (aws-lc-rs for fred, ring for reqwest), so it cannot
+/// pick one by itself: fred's TLS (`rediss://`) uses the process default installed here. reqwest
+/// needs nothing (it falls back to ring). Installing twice (tests run several gateways) is harmless.
+pub fn install_tls_provider() {
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+}
+
 /// The process-wide Prometheus recorder, installed once.
 fn metrics_handle() -> anyhow::Result<metrics_exporter_prometheus::PrometheusHandle> {
     static HANDLE: std::sync::OnceLock<metrics_exporter_prometheus::PrometheusHandle> =
@@ -87,6 +95,7 @@ pub async fn run(
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
+    install_tls_provider();
     let config = Arc::new(config);
     let metrics = metrics_handle()?;
     let jwt = Arc::new(jwt_verifier(&config)?);
@@ -271,6 +280,15 @@ async fn serve<A: Adapter>(
             Duration::from_millis(l.offline_sweep_ms),
         ),
     );
+    // Webhook deliveries: stored with their events, sent by whichever node claims them.
+    let webhooks = pipeline.spawn(
+        "webhooks",
+        webhooks::Worker {
+            store: store.clone(),
+            allow_private: config.webhook_allow_private,
+        }
+        .run(sweep_stop.clone()),
+    );
     let mut expiry_stop = sweep_stop.clone();
     tokio::spawn(expiry.run(io.clone(), async move {
         expiry_stop.wait_for(|s| *s).await.ok();
@@ -324,7 +342,7 @@ async fn serve<A: Adapter>(
         }
         supervisor.stopping();
         stop.send(true).ok();
-        for task in [writer, fanout, monitor] {
+        for task in [writer, fanout, monitor, webhooks] {
             task.await.ok();
         }
         stop_emitter.send(()).ok();

@@ -35,6 +35,10 @@ fn describe() {
         "Organisation events a socket could not take at once (its queue was full): it left live delivery and is caught up from the event log at its own pace"
     );
     describe_counter!(
+        "sensorwire_webhook_attempts_total",
+        "Webhook delivery attempts made by this node, by outcome (delivered, failed)"
+    );
+    describe_counter!(
         "sensorwire_resyncs_total",
         "sync:complete { recovered: false } sent to a connected socket, by reason (behind_retention: it fell further behind than the log keeps; redis_outage: events were lost while Redis was away)"
     );

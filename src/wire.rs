@@ -324,6 +324,84 @@ pub struct ApiKeyCreated {
     pub scopes: Vec<KeyScope>,
 }
 
+// ---- Webhooks -------------------------------------------------------------------------------
+
+/// The alert events a webhook can ask for; also its default subscription.
+pub const WEBHOOK_EVENTS: [&str; 3] = ["alert:triggered", "alert:resolved", "alert:acknowledged"];
+
+/// `POST /api/webhooks` (admin).
+#[derive(Debug, Clone, Serialize, Deserialize, TS, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateWebhook {
+    /// `http(s)` URL; private, loopback and link-local addresses are refused unless
+    /// `WEBHOOK_ALLOW_PRIVATE=true`.
+    pub url: String,
+    /// Defaults to `["alert:triggered","alert:resolved","alert:acknowledged"]`.
+    #[serde(default)]
+    #[ts(optional)]
+    pub events: Option<Vec<String>>,
+    /// The HMAC-SHA256 key; generated (32 random bytes, hex) when absent.
+    #[serde(default)]
+    #[ts(optional)]
+    pub secret: Option<String>,
+}
+
+/// The answer to `POST /api/webhooks`: the only time the secret is shown.
+#[derive(Debug, Clone, Serialize, Deserialize, TS, ToSchema)]
+pub struct WebhookCreated {
+    pub id: String,
+    pub url: String,
+    pub events: Vec<String>,
+    pub secret: String,
+}
+
+/// A webhook as listed by `GET /api/webhooks` (never its secret).
+#[derive(Debug, Clone, Serialize, Deserialize, TS, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Webhook {
+    pub id: String,
+    pub url: String,
+    pub events: Vec<String>,
+    pub created_at: String,
+}
+
+/// One event's delivery to one webhook (`GET /api/webhooks/{id}/deliveries`).
+#[derive(Debug, Clone, Serialize, Deserialize, TS, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct WebhookDelivery {
+    /// Also the `X-Sensorwire-Delivery` header and the body's `deliveryId`, the same on every
+    /// attempt.
+    pub delivery_id: String,
+    pub event: String,
+    /// Attempts made so far (0 before the first).
+    pub attempts: i64,
+    /// The HTTP status of the last attempt; null before the first or when no answer came.
+    #[schema(required = true)]
+    pub last_status: Option<i64>,
+    /// Why the last attempt failed; null before the first and after a success.
+    #[schema(required = true)]
+    pub last_error: Option<String>,
+    /// When the next attempt is due; null once delivered or given up.
+    #[schema(required = true)]
+    pub next_attempt_at: Option<String>,
+    #[schema(required = true)]
+    pub delivered_at: Option<String>,
+}
+
+/// The body POSTed to a webhook. `data` is the event's payload as dashboards receive it
+/// (without the socket `offset`).
+#[derive(Debug, Clone, Serialize, Deserialize, TS, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct WebhookPayload {
+    pub event: String,
+    #[ts(type = "unknown")]
+    #[schema(value_type = Object)]
+    pub data: serde_json::Value,
+    pub org_id: String,
+    pub delivery_id: String,
+    pub sent_at: String,
+}
+
 // ---- Socket.io payloads ---------------------------------------------------------------------
 
 /// Why a subscription was refused. `forbidden` covers sites and units that do not exist, belong

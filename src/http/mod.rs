@@ -11,6 +11,7 @@ mod keys;
 pub mod openapi;
 mod sites;
 mod units;
+mod webhooks;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -64,6 +65,7 @@ pub fn router(state: AppState) -> Router {
         .merge(alerts::router())
         .merge(keys::router())
         .merge(events::router())
+        .merge(webhooks::router())
         .merge(crate::ws::router())
         .merge(demo::router(state.config.demo))
         .route(

@@ -3,7 +3,7 @@
 use utoipa::openapi::security::{ApiKey, ApiKeyValue, HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
-use super::{alerts, events, health, ingest, keys, sites, units};
+use super::{alerts, events, health, ingest, keys, sites, units, webhooks};
 use crate::wire;
 
 #[derive(OpenApi)]
@@ -20,12 +20,15 @@ use crate::wire;
         units::list, units::get_one, units::create, units::update, units::remove,
         units::latest, units::readings, alerts::list, alerts::export_csv, alerts::acknowledge,
         keys::create, keys::revoke, events::publish,
+        webhooks::create, webhooks::list, webhooks::remove, webhooks::deliveries,
     ),
     components(schemas(
         wire::SensorReading, wire::Site, wire::Unit, wire::UnitStatus, wire::Alert,
         wire::AlertType, wire::AlertStatus, wire::Severity, wire::ApiError, wire::FieldError,
         wire::CreateSite, wire::CreateUnit, wire::UpdateUnit, wire::CreateApiKey,
         wire::ApiKeyCreated, wire::KeyScope,
+        wire::CreateWebhook, wire::WebhookCreated, wire::Webhook, wire::WebhookDelivery,
+        wire::WebhookPayload,
         wire::IngestRequest, wire::IngestReading, wire::IngestResponse,
         wire::ReadingsBatch, wire::AlertTriggered, wire::AlertResolved, wire::AlertAcknowledged,
         wire::AcknowledgeAlert, wire::UnitStatusChanged,

@@ -51,8 +51,10 @@ macro_rules! execute {
     };
 }
 
-// After the macros, which it uses.
+// After the macros, which they use.
 mod alerts;
+mod webhooks;
+pub use webhooks::{AttemptRecord, ClaimedDelivery, DeliveryRow, WebhookRow};
 
 /// A handle on the database; cheap to clone.
 #[derive(Clone)]
