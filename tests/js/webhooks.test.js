@@ -160,6 +160,34 @@ forEachEngine('webhooks', (engine) => {
     }
   });
 
+  it('an acknowledgement is delivered as alert:acknowledged, with who and the note', async () => {
+    const { admin, key } = await seed(gw, 'acked');
+    const rx = await receiver();
+    try {
+      await createHook(gw, admin, { url: rx.url, events: ['alert:acknowledged'], secret: 's3' });
+      await ingest(gw, key, 9.5);
+      const active = assertStatus(await api(gw, 'GET', '/api/alerts?status=active', { token: admin }), 200).body;
+      assert.equal(active.length, 1);
+      const ack = await api(gw, 'POST', `/api/alerts/${active[0].alertId}/acknowledge`, {
+        token: admin,
+        body: { note: 'door was open' },
+      });
+      assertStatus(ack, 200, 'acknowledge');
+      await pollUntil(() => rx.got.length >= 1, { ms: 15_000, what: 'the acknowledgement delivered' });
+      await sleep(800);
+      assert.equal(rx.got.length, 1, 'only the event asked for, once');
+      const [r] = rx.got;
+      assert.ok(verify('s3', r.raw, r.headers['x-sensorwire-signature']));
+      assert.equal(r.body.event, 'alert:acknowledged');
+      assert.equal(r.body.data.alertId, active[0].alertId);
+      assert.equal(r.body.data.acknowledgedBy, 'admin-acked');
+      assert.equal(r.body.data.note, 'door was open');
+      assertSchema('WebhookPayload', r.body);
+    } finally {
+      await rx.close();
+    }
+  });
+
   it('a receiver answering 500 then 200 gets the retry with the same delivery id', async () => {
     const { admin, key } = await seed(gw, 'retry');
     const rx = await receiver([500]);
