@@ -1,12 +1,10 @@
 // Issue 17's dashboard in Chromium against the real gateway: the alerts view (history after an
-// excursion resolves, acknowledging in one tab and seeing it in another, paging), the chart's time
-// ranges, toasts that never cover the current reading, the phone layout, and what the page says
-// about who is signed in, active alerts and a lost connection.
-//
-// Tests that need the gateway's acknowledge endpoint or alert paging (issue 17's backend) probe
-// for it first and are skipped with a message by a gateway that does not have it yet.
+// excursion resolves, its CSV export, acknowledging in one tab and seeing it in another, paging),
+// the chart's time ranges, toasts that never cover the current reading, the phone layout, and
+// what the page says about who is signed in, active alerts and a lost connection.
 
 import assert from 'node:assert/strict';
+import { readFile } from 'node:fs/promises';
 import { after, before, describe, it } from 'node:test';
 
 import {
@@ -140,8 +138,19 @@ describe('alert lifecycle and layout (Chromium, real gateway)', () => {
     assert.ok(seconds >= 1 && seconds < (Date.now() - startedAt) / 1000 + 1, `duration ${seconds} s`);
     assert.equal(await textOf(page, `alert-duration-${alertId}`), `${Math.round(seconds)} s`);
     const peak = await textOf(page, `alert-peak-${alertId}`);
-    assert.equal(peak, 'peakValue' in stored ? '9.4 °C' : '7.5 °C');
+    assert.equal(peak, '9.4 °C');
     await screenshot(page, 'alerts-history');
+    // The auditor's copy: the tab's alerts as CSV, the excursion with its peak among them.
+    const [download] = await Promise.all([
+      page.waitForEvent('download', { timeout: 5000 }),
+      page.locator(byTestId('alerts-export')).click(),
+    ]);
+    assert.equal(download.suggestedFilename(), 'alerts-resolved.csv');
+    const csv = (await readFile(await download.path(), 'utf8')).trim().split('\n');
+    assert.match(csv[0], /^alertId,unitId,siteId,alertType,/);
+    const line = csv.find((l) => l.startsWith(`${alertId},`));
+    assert.ok(line, 'the resolved excursion is in the export');
+    assert.match(line, /,9\.4,/);
     await done();
   });
 

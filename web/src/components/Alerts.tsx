@@ -1,5 +1,5 @@
 import { useState, type FormEvent } from 'react';
-import { ApiError } from '../lib/api';
+import { ApiError, apiGetBlob } from '../lib/api';
 import { alertDuration } from '../lib/live';
 import { useAcknowledge, useActiveAlerts, useAlertHistory, useUnits } from '../lib/queries';
 import { Link, unitPath } from '../lib/router';
@@ -25,17 +25,54 @@ export function AlertsView() {
           <h1>Alerts</h1>
           <p className="summary">Every excursion stays here, with who acknowledged it and what was done.</p>
         </div>
-        <div className="tabs" role="tablist">
-          <button role="tab" aria-selected={tab === 'active'} data-testid="alerts-tab-active" onClick={() => setTab('active')}>
-            Active <span className="count-pill">{active.data?.length ?? '…'}</span>
-          </button>
-          <button role="tab" aria-selected={tab === 'resolved'} data-testid="alerts-tab-resolved" onClick={() => setTab('resolved')}>
-            Past
-          </button>
+        <div className="alerts-actions">
+          <ExportCsv status={tab} />
+          <div className="tabs" role="tablist">
+            <button role="tab" aria-selected={tab === 'active'} data-testid="alerts-tab-active" onClick={() => setTab('active')}>
+              Active <span className="count-pill">{active.data?.length ?? '…'}</span>
+            </button>
+            <button role="tab" aria-selected={tab === 'resolved'} data-testid="alerts-tab-resolved" onClick={() => setTab('resolved')}>
+              Past
+            </button>
+          </div>
         </div>
       </div>
       {tab === 'active' ? <ActiveList /> : <PastList />}
     </section>
+  );
+}
+
+/**
+ * The tab's alerts as CSV for an auditor (`GET /api/alerts/export.csv`, every alert of that
+ * status the token may see, not only the loaded pages). Fetched with the token, then saved.
+ */
+function ExportCsv({ status }: { status: Tab }) {
+  const [busy, setBusy] = useState(false);
+  const [error, setError] = useState<string | null>(null);
+  const download = async () => {
+    setBusy(true);
+    setError(null);
+    try {
+      const blob = await apiGetBlob(`/api/alerts/export.csv?status=${status}`);
+      const url = URL.createObjectURL(blob);
+      const a = document.createElement('a');
+      a.href = url;
+      a.download = `alerts-${status}.csv`;
+      a.click();
+      setTimeout(() => URL.revokeObjectURL(url), 10_000);
+    } catch (e) {
+      setError(e instanceof Error ? e.message : String(e));
+    } finally {
+      setBusy(false);
+    }
+  };
+  return (
+    <>
+      <button className="secondary" data-testid="alerts-export" disabled={busy} onClick={() => void download()}>
+        {busy ? 'Exporting…' : 'Export CSV'}
+      </button>
+      {error && <span className="error-text" role="alert">Export failed: {error}</span>}
+    </>
   );
 }
 

@@ -24,6 +24,11 @@ export async function apiGetPage<T>(path: string, signal?: AbortSignal): Promise
   return { data: (await res.json()) as T, nextCursor: res.headers.get('X-Next-Cursor') || null };
 }
 
+/** GET a file of the gateway (a CSV export) with the current token, as a Blob. */
+export async function apiGetBlob(path: string): Promise<Blob> {
+  return (await send('GET', path, undefined)).blob();
+}
+
 /** POST JSON with the current token; the answer's JSON (or null when it has no body). */
 export async function apiPost<T>(path: string, body: unknown): Promise<T> {
   const res = await send('POST', path, body);
