@@ -8,7 +8,7 @@ use std::hint::black_box;
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use serde_json::{Value, json};
 
-use sensorwire::alerts::{self, State, Thresholds};
+use sensorwire::evaluate::thresholds::{self, State, Thresholds};
 use sensorwire::ingest::validate;
 use sensorwire::wire::{ReadingsBatch, SensorReading, format_time};
 
@@ -108,13 +108,13 @@ fn bench_alerts(c: &mut Criterion) {
         max: Some(5.0),
     };
     // The common case: in range, nothing open, nothing changes.
-    let (ok, _) = alerts::on_reading(State::NEW, &range, 3.0);
+    let (ok, _) = thresholds::on_reading(State::NEW, &range, 3.0);
     g.bench_function("on_reading/steady", |b| {
-        b.iter(|| alerts::on_reading(black_box(ok), black_box(&range), black_box(3.2)))
+        b.iter(|| thresholds::on_reading(black_box(ok), black_box(&range), black_box(3.2)))
     });
     // A change: an excursion opens (allocates the change list).
     g.bench_function("on_reading/opens", |b| {
-        b.iter(|| alerts::on_reading(black_box(ok), black_box(&range), black_box(7.5)))
+        b.iter(|| thresholds::on_reading(black_box(ok), black_box(&range), black_box(7.5)))
     });
     // A sequence of 1000 readings wandering in and out of range.
     let temps: Vec<f64> = (0..1000)
@@ -126,7 +126,7 @@ fn bench_alerts(c: &mut Criterion) {
             let mut s = State::NEW;
             let mut changes = 0;
             for t in &temps {
-                let (next, c) = alerts::on_reading(s, &range, *t);
+                let (next, c) = thresholds::on_reading(s, &range, *t);
                 changes += c.len();
                 s = next;
             }
@@ -135,7 +135,7 @@ fn bench_alerts(c: &mut Criterion) {
     });
     g.throughput(Throughput::Elements(1));
     g.bench_function("on_silence", |b| {
-        b.iter(|| alerts::on_silence(black_box(ok)))
+        b.iter(|| thresholds::on_silence(black_box(ok)))
     });
     g.finish();
 }

@@ -4,27 +4,34 @@
 //! adapter, the HTTP API, and serves them on a listener the caller bound, until the caller's
 //! shutdown future completes. Nothing here reads the environment; `main.rs` does that once.
 
-pub mod alerts;
-pub mod auth;
-pub mod bus;
-pub mod cluster;
+// The pipeline, in the order a reading goes through it, then its two edges. A module uses only
+// those above it in this list (checked by `tests/layers.rs`); docs/ARCHITECTURE.md explains.
 pub mod config;
-pub mod demo;
 pub mod fault;
-pub mod http;
-pub mod ingest;
-pub mod monitor;
 pub mod observe;
-pub mod pipeline;
-pub mod proto;
-pub mod realtime;
-pub mod store;
-pub mod units;
-pub mod verdict;
-pub mod web;
-pub mod webhooks;
 pub mod wire;
+
+pub mod auth;
+pub mod cluster;
+pub mod pipeline;
+pub mod rate_limit;
+pub mod rooms;
+pub mod session;
+
+pub mod evaluate;
+pub mod store;
+
+pub mod ingest;
+
+pub mod deliver;
+
+pub mod http;
+pub mod socketio;
+pub mod web;
 pub mod ws;
+
+pub mod demo;
+pub mod proto;
 
 use std::future::Future;
 use std::path::Path;
@@ -105,9 +112,9 @@ pub async fn run(
     tracing::info!(engine = store.engine_name(), "storage ready");
 
     let (commands, commands_rx) = mpsc::channel(1024);
-    let expiry = Arc::new(realtime::expiry::Expiry::default());
-    let (follows, follow_ops) = realtime::feed::Follows::new(config.redis_url.is_some());
-    let ctx = realtime::Ctx {
+    let expiry = Arc::new(socketio::expiry::Expiry::default());
+    let (follows, follow_ops) = deliver::feed::Follows::new(config.redis_url.is_some());
+    let ctx = socketio::Ctx {
         follows,
         expiry: expiry.clone(),
         store: store.clone(),
@@ -116,7 +123,7 @@ pub async fn run(
         allow_token_in_query: config.allow_token_in_query,
         commands: commands.clone(),
     };
-    let builder = realtime::builder(&config, ctx);
+    let builder = socketio::builder(&config, ctx);
     let parts = Parts {
         config,
         jwt,
@@ -131,7 +138,7 @@ pub async fn run(
             let (layer, io) = builder.build_layer();
             io.ns(
                 "/",
-                realtime::on_connect::<LocalAdapter>.with(realtime::authenticate::<LocalAdapter>),
+                socketio::on_connect::<LocalAdapter>.with(socketio::authenticate::<LocalAdapter>),
             );
             serve(parts, io, layer, None, listener, shutdown).await
         }
@@ -144,7 +151,7 @@ pub async fn run(
             let (layer, io) = builder.with_adapter::<Fred>(adapter).build_layer();
             io.ns(
                 "/",
-                realtime::on_connect::<Fred>.with(realtime::authenticate::<Fred>),
+                socketio::on_connect::<Fred>.with(socketio::authenticate::<Fred>),
             )
             .await
             .context("REDIS_URL: registering the namespace with the adapter")?;
@@ -161,12 +168,12 @@ struct Parts {
     metrics: metrics_exporter_prometheus::PrometheusHandle,
     /// The emitter's command channel (the sockets hold senders through `Ctx`).
     commands: (
-        mpsc::Sender<realtime::emitter::Command>,
-        mpsc::Receiver<realtime::emitter::Command>,
+        mpsc::Sender<deliver::emitter::Command>,
+        mpsc::Receiver<deliver::emitter::Command>,
     ),
-    expiry: Arc<realtime::expiry::Expiry>,
+    expiry: Arc<socketio::expiry::Expiry>,
     /// What the sockets ask the cluster feed to follow (with several nodes).
-    follow_ops: Option<mpsc::UnboundedReceiver<realtime::feed::Op>>,
+    follow_ops: Option<mpsc::UnboundedReceiver<deliver::feed::Op>>,
 }
 
 /// Everything after the adapter is chosen: one code path for one node and for a cluster.
@@ -191,8 +198,8 @@ async fn serve<A: Adapter>(
     // alert and status events, offline sweep) → outbox → emitter. Each stage is supervised.
     let l = &config.limits;
     let pipeline = pipeline::Health::default();
-    let units = Arc::new(units::Units::new(store.clone()));
-    let (outbox, outgoing) = realtime::outbox::Outbox::new(64 * 1024);
+    let units = Arc::new(store::unit_cache::Units::new(store.clone()));
+    let (outbox, outgoing) = deliver::outbox::Outbox::new(64 * 1024);
     let (to_fanout, fanout_rx) = mpsc::channel(1024);
     let (to_monitor, monitor_rx) = mpsc::channel(1024);
     let announce = to_monitor.downgrade();
@@ -211,16 +218,16 @@ async fn serve<A: Adapter>(
         stopped,
     );
     let writer = pipeline.spawn("ingest writer", writer);
-    let retention = realtime::emitter::Retention {
+    let retention = deliver::emitter::Retention {
         window: Duration::from_secs(l.recovery_window_secs),
         max_bytes: l.recovery_max_bytes,
         max_events: (l.recovery_max_events > 0).then_some(l.recovery_max_events),
     };
     let (redis, redis_clients, cluster_log) = match cluster.zip(follow_ops) {
         Some((c, follows)) => {
-            let log = realtime::emitter::ClusterLog {
+            let log = deliver::emitter::ClusterLog {
                 health: c.health.clone(),
-                log: realtime::stream::RedisLog::new(
+                log: deliver::stream::RedisLog::new(
                     c.client.clone(),
                     retention.window.as_millis() as u64,
                     retention.max_events,
@@ -235,7 +242,7 @@ async fn serve<A: Adapter>(
     let (stop_emitter, emitter_stopped) = tokio::sync::oneshot::channel();
     let emitter = pipeline.spawn(
         "emitter",
-        realtime::emitter::run(
+        deliver::emitter::run(
             io.clone(),
             outgoing,
             commands,
@@ -245,7 +252,7 @@ async fn serve<A: Adapter>(
             emitter_stopped,
         ),
     );
-    let bus = bus::Bus::new(
+    let bus = deliver::relay::Bus::new(
         store.clone(),
         redis_clients
             .as_ref()
@@ -257,7 +264,7 @@ async fn serve<A: Adapter>(
     }
     let fanout = pipeline.spawn(
         "fanout",
-        realtime::run_fanout(
+        deliver::fanout::run(
             bus.clone(),
             fanout_rx,
             outbox.clone(),
@@ -266,7 +273,7 @@ async fn serve<A: Adapter>(
             ingest.buffered(),
         ),
     );
-    let monitor = monitor::Monitor::new(
+    let monitor = deliver::monitor::Monitor::new(
         store.clone(),
         outbox.clone(),
         bus.clone(),
@@ -283,7 +290,7 @@ async fn serve<A: Adapter>(
     // Webhook deliveries: stored with their events, sent by whichever node claims them.
     let webhooks = pipeline.spawn(
         "webhooks",
-        webhooks::Worker {
+        deliver::webhooks::Worker {
             store: store.clone(),
             allow_private: config.webhook_allow_private,
         }
@@ -293,9 +300,9 @@ async fn serve<A: Adapter>(
     tokio::spawn(expiry.run(io.clone(), async move {
         expiry_stop.wait_for(|s| *s).await.ok();
     }));
-    tokio::spawn(realtime::slow::sweep(
+    tokio::spawn(deliver::slow::sweep(
         io.clone(),
-        realtime::slow::SweepConfig::default(),
+        deliver::slow::SweepConfig::default(),
         async move {
             sweep_stop.wait_for(|s| *s).await.ok();
         },
@@ -322,7 +329,7 @@ async fn serve<A: Adapter>(
         .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
         .layer(socket_layer)
         .layer(tower::util::MapRequestLayer::new(
-            realtime::request_head::detach,
+            socketio::request_head::detach,
         ))
         .layer(http::cors(&config.cors_origins));
 
@@ -352,8 +359,8 @@ async fn serve<A: Adapter>(
     });
     // Connections that the slow-consumer sweep can end (see `realtime::slow`).
     axum::serve(
-        realtime::slow::Listener::new(listener),
-        app.into_make_service_with_connect_info::<realtime::slow::Connection>(),
+        deliver::slow::Listener::new(listener),
+        app.into_make_service_with_connect_info::<deliver::slow::Connection>(),
     )
     .with_graceful_shutdown(async {
         on_drained.await.ok();

@@ -11,8 +11,8 @@ use axum::{Json as JsonBody, Router};
 
 use super::{AppError, AppState, Json};
 use crate::auth::{Caller, Role, valid_id};
-use crate::realtime::limiter::{RateLimiter, Verdict};
-use crate::realtime::rooms;
+use crate::rate_limit::{RateLimiter, Verdict};
+use crate::rooms;
 use crate::wire::{KeyScope, PublishRequest, PublishResponse};
 
 /// Largest `data`, serialised.

@@ -39,11 +39,11 @@ pub struct AppState {
     pub store: Store,
     pub jwt: Arc<JwtVerifier>,
     pub ingest: crate::ingest::Ingest,
-    pub units: Arc<crate::units::Units>,
+    pub units: Arc<crate::store::unit_cache::Units>,
     /// Redis health, when running as one of several nodes.
     pub redis: Option<crate::cluster::RedisHealth>,
-    pub bus: crate::bus::Bus,
-    pub outbox: crate::realtime::outbox::Outbox,
+    pub bus: crate::deliver::relay::Bus,
+    pub outbox: crate::deliver::outbox::Outbox,
     /// Whether every pipeline stage is alive (`/readyz`).
     pub pipeline: crate::pipeline::Health,
     /// Publish and ingest rate limits, by caller.
@@ -51,7 +51,7 @@ pub struct AppState {
     pub metrics: metrics_exporter_prometheus::PrometheusHandle,
     /// This node's monitor, for the events an HTTP request commits (an acknowledgement): weak,
     /// so it does not keep the monitor running past the ingest writer at shutdown.
-    pub announce: tokio::sync::mpsc::WeakSender<crate::monitor::Handover>,
+    pub announce: tokio::sync::mpsc::WeakSender<crate::deliver::monitor::Handover>,
 }
 
 /// The API routes (without Socket.io, which is a layer added in `lib.rs`).

@@ -1,5 +1,5 @@
 //! `/api/webhooks`: an organisation's webhooks and their deliveries, for admins. The secret is
-//! shown once, in the answer to the creation. Delivery itself is [`crate::webhooks`].
+//! shown once, in the answer to the creation. Delivery itself is [`crate::deliver::webhooks`].
 
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
@@ -7,7 +7,7 @@ use axum::routing::{delete, get};
 use axum::{Json as JsonBody, Router};
 
 use super::{Admin, AppError, AppState, Json};
-use crate::webhooks::{check_url, generate_id, generate_secret};
+use crate::deliver::webhooks::{check_url, generate_id, generate_secret};
 use crate::wire::{
     CreateWebhook, WEBHOOK_EVENTS, Webhook, WebhookCreated, WebhookDelivery, format_time,
 };

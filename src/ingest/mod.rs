@@ -152,7 +152,7 @@ pub struct Downstream {
     pub readings: Vec<mpsc::Sender<Arc<Committed>>>,
     /// What each commit stored for announcement (its alert and status events, its pending
     /// readings), to be tracked until it is out.
-    pub announce: mpsc::Sender<crate::monitor::Handover>,
+    pub announce: mpsc::Sender<crate::deliver::monitor::Handover>,
 }
 
 /// Group commits in flight at once. While one commits (its fsync, the verdicts, the round trips
@@ -363,7 +363,7 @@ async fn hand_off(done: Done, downstream: &Downstream) {
     } else {
         done.events
     };
-    let handover = crate::monitor::Handover {
+    let handover = crate::deliver::monitor::Handover {
         events,
         pending: done.pending,
     };

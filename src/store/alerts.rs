@@ -9,7 +9,7 @@
 
 use super::unit_state::{LEASE_MS, OutboxEvent};
 use super::{AlertRow, Engine, Result, Store, postgres, rows, sqlite};
-use crate::realtime::rooms;
+use crate::rooms;
 use crate::wire::{AlertAcknowledged, AlertStatus, format_time};
 
 /// The filters of `GET /api/alerts` and its CSV export. Bounds are inclusive, on `triggeredAt`.

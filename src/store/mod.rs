@@ -53,6 +53,7 @@ macro_rules! execute {
 
 // After the macros, which they use.
 mod alerts;
+pub mod unit_cache;
 mod webhooks;
 pub use webhooks::{AttemptRecord, ClaimedDelivery, DeliveryRow, WebhookRow};
 

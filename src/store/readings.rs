@@ -17,7 +17,7 @@ use std::collections::{HashMap, HashSet};
 use super::unit_state::{self, OutboxEvent};
 use super::{Engine, Result, Store, StoreError, postgres, sqlite};
 use crate::ingest::NewReading;
-use crate::verdict::{self, StoredUnit, Verdict};
+use crate::evaluate::verdict::{self, StoredUnit, Verdict};
 
 /// The idempotency key of a reading.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]

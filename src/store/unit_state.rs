@@ -2,12 +2,12 @@
 //!
 //! A group commit locks the rows of every unit it touches — in one order, `(org_id, id)`, so
 //! concurrent commits from several nodes cannot deadlock — reads their stored state and open
-//! alerts, lets [`crate::verdict`] decide, and writes the alerts, the units' new state and the
+//! alerts, lets [`crate::evaluate::verdict`] decide, and writes the alerts, the units' new state and the
 //! events announcing them (the `event_outbox` rows) before it commits. The offline sweep does the
 //! same for one silent unit. So whichever node handles a unit's next reading decides from what
 //! every other node committed, and a stored change is never without its announcement: the events
 //! are rows, announced after the commit by this node or, if it dies first, by any live node
-//! (see [`crate::monitor`]).
+//! (see [`crate::deliver::monitor`]).
 //!
 //! The statements take their rows as one JSON parameter, which both engines read as a table
 //! (`json_each` / `json_array_elements`), so one text serves SQLite and PostgreSQL; only the
@@ -18,8 +18,8 @@ use std::sync::LazyLock;
 
 use serde_json::json;
 
-use crate::alerts::Thresholds;
-use crate::verdict::{StoredUnit, Verdict};
+use crate::evaluate::thresholds::Thresholds;
+use crate::evaluate::verdict::{StoredUnit, Verdict};
 use crate::wire::{AlertType, UnitStatus};
 
 /// How long an event is the writing node's to announce before any node may take it. The node
@@ -367,7 +367,7 @@ macro_rules! engine_functions {
         use crate::store::unit_state::{
             LEASE_MS, OutboxEvent, UnitRow, stored_units, unit_keys, writes,
         };
-        use crate::verdict::{StoredUnit, Verdict};
+        use crate::evaluate::verdict::{StoredUnit, Verdict};
 
         /// Locks the units' rows (in key order) and reads their state and open alerts.
         pub(in crate::store) async fn lock_units(
@@ -462,7 +462,7 @@ macro_rules! engine_functions {
             let Some(u) = units.first() else {
                 return Ok(Vec::new());
             };
-            let Some(verdict) = crate::verdict::on_silence(u, now) else {
+            let Some(verdict) = crate::evaluate::verdict::on_silence(u, now) else {
                 return Ok(Vec::new());
             };
             let verdicts = [(u, verdict, None)];

@@ -15,7 +15,7 @@ use socketioxide::adapter::Adapter;
 use socketioxide::socket::Sid;
 use tokio::sync::Notify;
 
-use super::Session;
+use crate::session::Session;
 use crate::auth::jwt::now_secs;
 use crate::wire::AuthExpired;
 

@@ -6,7 +6,7 @@ use std::time::Instant;
 
 use tokio::sync::Notify;
 
-use super::limiter::{RateLimiter, Verdict};
+use crate::rate_limit::{RateLimiter, Verdict};
 use crate::auth::UserClaims;
 use crate::config::Limits;
 

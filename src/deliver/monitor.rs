@@ -21,9 +21,9 @@ use serde_json::value::RawValue;
 use tokio::sync::mpsc;
 use tokio::time::MissedTickBehavior;
 
-use crate::bus::Bus;
-use crate::realtime::outbox::Outbox;
-use crate::realtime::rooms;
+use crate::deliver::relay::Bus;
+use crate::deliver::outbox::Outbox;
+use crate::rooms;
 use crate::store::{Leased, OutboxEvent, Store, now_ms};
 
 /// What one commit stored for announcement, handed over by the ingest writer.
@@ -245,7 +245,7 @@ impl Monitor {
             let mut events = Vec::new();
             for ((org, unit), (site, mut readings)) in by_unit {
                 readings.sort_by(|a, b| a.recorded_at.cmp(&b.recorded_at));
-                for batch in crate::realtime::batches(&unit, readings.iter(), self.max_per_event) {
+                for batch in crate::deliver::fanout::batches(&unit, readings.iter(), self.max_per_event) {
                     events.push((org.clone(), site.clone(), batch));
                 }
             }

@@ -19,7 +19,7 @@ use serde::Deserialize;
 
 use crate::auth::jwt::now_secs;
 use crate::auth::{UserClaims, valid_id};
-use crate::bus::{Delivery, Topic};
+use crate::deliver::relay::{Delivery, Topic};
 use crate::http::AppState;
 use crate::wire::{TelemetryData, TelemetryMetrics, WsChannel, WsClientMessage, WsServerMessage};
 

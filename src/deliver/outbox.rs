@@ -62,7 +62,7 @@ impl Outbox {
                 site: site.to_string(),
                 unit: unit.to_string(),
             }),
-            rooms: vec![super::rooms::unit(org, unit), super::rooms::site(org, site)],
+            rooms: vec![crate::rooms::unit(org, unit), crate::rooms::site(org, site)],
             event: Cow::Borrowed("sensor:reading"),
             payload,
             done: Vec::new(),

@@ -635,9 +635,9 @@ impl<A: Adapter> Feed<A> {
             return;
         }
         crate::observe::cluster_live_received(message.r.len());
-        let site_room = super::rooms::site(org, site);
+        let site_room = crate::rooms::site(org, site);
         for (unit, reading) in message.r {
-            let rooms = [super::rooms::unit(org, &unit), site_room.clone()];
+            let rooms = [crate::rooms::unit(org, &unit), site_room.clone()];
             // A full queue skips a live reading: it is in the unit's next batch.
             self.io
                 .to(rooms)

@@ -9,8 +9,8 @@
 //!
 //! Pure: no I/O, so every rule is unit-tested below in microseconds.
 
-use crate::alerts::{self, Change, State, Thresholds};
-use crate::realtime::rooms;
+use crate::evaluate::thresholds::{self, Change, State, Thresholds};
+use crate::rooms;
 use crate::wire::{
     AlertResolved, AlertTriggered, AlertType, Severity, UnitStatus, UnitStatusChanged, format_time,
 };
@@ -124,14 +124,14 @@ pub fn on_readings(unit: &StoredUnit, readings: &[(i64, f64)]) -> Verdict {
             // open excursion and recorded after it opened, it is one of that excursion's
             // readings (arrived late, or committed after a newer one by another node).
             if let Some(kind) = state.excursion
-                && alerts::classify(&unit.thresholds, temperature).is_some_and(|(k, _)| k == kind)
+                && thresholds::classify(&unit.thresholds, temperature).is_some_and(|(k, _)| k == kind)
                 && opened_at(unit, &v, &open, kind).is_some_and(|t| at >= t)
             {
                 raise_peak(unit, &mut v, &open, kind, temperature);
             }
             continue;
         }
-        let (next, changes) = alerts::on_reading(state, &unit.thresholds, temperature);
+        let (next, changes) = thresholds::on_reading(state, &unit.thresholds, temperature);
         apply(unit, &mut v, &mut open, &changes, at);
         if let Some(kind) = next.excursion {
             raise_peak(unit, &mut v, &open, kind, temperature);
@@ -153,7 +153,7 @@ pub fn on_silence(unit: &StoredUnit, now: i64) -> Option<Verdict> {
     if seen + unit.offline_after_seconds * 1000 > now {
         return None;
     }
-    let (next, change) = alerts::on_silence(unit.state())?;
+    let (next, change) = thresholds::on_silence(unit.state())?;
     let mut v = Verdict::unchanged(unit);
     let mut open = unit.open.clone();
     apply(unit, &mut v, &mut open, &[change], now);

@@ -6,21 +6,10 @@
 //! the client as `connect_error` with the contract's message. Once in, it joins its organisation
 //! and user rooms ([`rooms::membership`]) and its [`Session`] lives in the socket's extensions.
 
-pub mod emitter;
 pub mod expiry;
-mod fanout;
-pub mod feed;
 mod handlers;
-mod history;
-pub mod limiter;
-pub mod offset;
-pub mod outbox;
 mod reply;
 pub mod request_head;
-pub mod rooms;
-mod session;
-pub mod slow;
-pub mod stream;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -31,11 +20,13 @@ use socketioxide::extract::{Extension, SocketRef, State, TryData};
 use socketioxide::socket::DisconnectReason;
 use socketioxide::{SocketIo, SocketIoBuilder};
 
-pub use fanout::{batches, run as run_fanout};
-pub use session::Session;
+pub use crate::session::Session;
 
 use crate::auth::{AuthError, JwtVerifier};
 use crate::config::{Config, Limits};
+use crate::deliver::{emitter, feed, history, offset};
+use crate::rooms;
+use crate::session;
 use crate::store::Store;
 
 /// What the socket handlers share (registered as socketioxide state).

@@ -29,7 +29,7 @@ use super::feed::{Fed, Feed, LiveMessage};
 use super::history::{Entry, History, Replay, Since};
 use super::offset::{Clock, Offset, now_ms, stamp};
 use super::outbox::Outgoing;
-use super::session::Turn;
+use crate::session::Turn;
 use super::stream::{Appended, Logged, RedisLog};
 use crate::cluster::RedisHealth;
 use crate::store::Leased;
@@ -294,7 +294,7 @@ async fn run_cluster<A: Adapter>(
                 }
                 Some(Fed::Lost { org, at }) => {
                     delivered.insert(org.clone(), at);
-                    let sockets = io.to(super::rooms::org(&org)).local().sockets();
+                    let sockets = io.to(crate::rooms::org(&org)).local().sockets();
                     for socket in sockets {
                         crate::observe::resync("redis_outage");
                         socket
@@ -553,7 +553,7 @@ impl Backlog {
                 .map(|org| Outgoing {
                     org: Some(org.clone()),
                     live: None,
-                    rooms: vec![super::rooms::org(org)],
+                    rooms: vec![crate::rooms::org(org)],
                     event: "sync:complete".into(),
                     payload: serde_json::value::to_raw_value(&SyncComplete {
                         recovered: false,
@@ -720,10 +720,10 @@ fn fall_behind<A: Adapter>(io: &SocketIo<A>, rooms: &[String]) -> Vec<(Sid, Vec<
         if super::slow::probe(&socket) != super::slow::Room::Full {
             continue;
         }
-        let Some(session) = socket.extensions.get::<Arc<super::Session>>() else {
+        let Some(session) = socket.extensions.get::<Arc<crate::session::Session>>() else {
             continue;
         };
-        let membership = super::rooms::membership(&session.claims());
+        let membership = crate::rooms::membership(&session.claims());
         socket.leave(membership.clone());
         crate::observe::delivery_deferred();
         tracing::debug!(sid = %socket.id, "socket queue full; catching it up from the log");

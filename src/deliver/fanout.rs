@@ -15,7 +15,7 @@ use tokio::sync::mpsc;
 use tokio::time::MissedTickBehavior;
 
 use super::outbox::Outbox;
-use super::rooms;
+use crate::rooms;
 use crate::ingest::{Committed, Stored};
 use crate::store::Leased;
 use crate::wire::{ReadingsBatch, SensorReading};
@@ -44,7 +44,7 @@ struct UnitBuffer {
 }
 
 pub async fn run(
-    bus: crate::bus::Bus,
+    bus: crate::deliver::relay::Bus,
     mut input: mpsc::Receiver<Arc<Committed>>,
     outbox: Outbox,
     flush_every: Duration,

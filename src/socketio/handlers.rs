@@ -10,12 +10,13 @@ use serde_json::Value;
 use socketioxide::adapter::Adapter;
 use socketioxide::extract::{SocketRef, State, TryData};
 
-use super::emitter::Command;
-use super::feed::SocketFollows;
-use super::limiter::Verdict;
+use crate::deliver::emitter::Command;
+use crate::deliver::feed::SocketFollows;
+use crate::rate_limit::Verdict;
 use super::reply::Reply;
-use super::session::{Session, Turn};
-use super::{Ctx, rooms};
+use crate::session::{Session, Turn};
+use super::Ctx;
+use crate::rooms;
 use crate::auth::{UserClaims, valid_id};
 use crate::store::StoreError;
 use crate::wire::{RefreshAck, SensorReading, SubscribeAck, SyncAck};
