@@ -13,6 +13,7 @@ pub mod wire;
 
 pub mod auth;
 pub mod cluster;
+pub mod net;
 pub mod pipeline;
 pub mod rate_limit;
 pub mod rooms;
@@ -322,7 +323,13 @@ async fn serve<A: Adapter>(
         metrics: parts_metrics,
         announce,
     };
-    let app: Router = http::router(state)
+    let plain_ws = ws::router(ws::AppState {
+        jwt: state.jwt.clone(),
+        bus: state.bus.clone(),
+        units: state.units.clone(),
+        max_rooms: config.limits.max_rooms_per_socket,
+    });
+    let app: Router = http::router(state, plain_ws)
         .fallback_service(web::router(&config.web_dir))
         .layer(request_log())
         .layer(PropagateRequestIdLayer::x_request_id())
@@ -359,8 +366,8 @@ async fn serve<A: Adapter>(
     });
     // Connections that the slow-consumer sweep can end (see `realtime::slow`).
     axum::serve(
-        deliver::slow::Listener::new(listener),
-        app.into_make_service_with_connect_info::<deliver::slow::Connection>(),
+        net::Listener::new(listener),
+        app.into_make_service_with_connect_info::<net::Connection>(),
     )
     .with_graceful_shutdown(async {
         on_drained.await.ok();

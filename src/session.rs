@@ -6,9 +6,9 @@ use std::time::Instant;
 
 use tokio::sync::Notify;
 
-use crate::rate_limit::{RateLimiter, Verdict};
 use crate::auth::UserClaims;
 use crate::config::Limits;
+use crate::rate_limit::{RateLimiter, Verdict};
 
 pub struct Session {
     /// The transport at connect, so the connected-sockets gauge goes down under the same label.

@@ -15,8 +15,8 @@ use tokio::sync::mpsc;
 use tokio::time::MissedTickBehavior;
 
 use super::outbox::Outbox;
-use crate::rooms;
 use crate::ingest::{Committed, Stored};
+use crate::rooms;
 use crate::store::Leased;
 use crate::wire::{ReadingsBatch, SensorReading};
 

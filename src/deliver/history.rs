@@ -198,7 +198,6 @@ impl History {
         self.orgs.values().map(VecDeque::len).sum()
     }
 
-    #[cfg(test)]
     pub fn is_empty(&self) -> bool {
         self.orgs.is_empty()
     }

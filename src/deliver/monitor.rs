@@ -21,19 +21,11 @@ use serde_json::value::RawValue;
 use tokio::sync::mpsc;
 use tokio::time::MissedTickBehavior;
 
-use crate::deliver::relay::Bus;
 use crate::deliver::outbox::Outbox;
+use crate::deliver::relay::Bus;
+use crate::ingest::Handover;
 use crate::rooms;
 use crate::store::{Leased, OutboxEvent, Store, now_ms};
-
-/// What one commit stored for announcement, handed over by the ingest writer.
-pub struct Handover {
-    /// Its alert and status events: announced now.
-    pub events: Vec<OutboxEvent>,
-    /// Its `pending_batches` row: announced by this node's fanout at its next flush; tracked
-    /// here (lease renewed) until the emitter reports it out.
-    pub pending: Option<i64>,
-}
 
 /// How many expired rows one relay round takes.
 const RELAY_BATCH: i64 = 500;
@@ -237,7 +229,7 @@ impl Monitor {
                 Default::default();
             for p in readings {
                 by_unit
-                    .entry((p.org_id, p.reading.unit_id.clone()))
+                    .entry((p.org_id, p.reading.reading.unit_id.clone()))
                     .or_insert_with(|| (p.site_id, Vec::new()))
                     .1
                     .push(crate::wire::SensorReading::from(p.reading));
@@ -245,7 +237,9 @@ impl Monitor {
             let mut events = Vec::new();
             for ((org, unit), (site, mut readings)) in by_unit {
                 readings.sort_by(|a, b| a.recorded_at.cmp(&b.recorded_at));
-                for batch in crate::deliver::fanout::batches(&unit, readings.iter(), self.max_per_event) {
+                for batch in
+                    crate::deliver::fanout::batches(&unit, readings.iter(), self.max_per_event)
+                {
                     events.push((org.clone(), site.clone(), batch));
                 }
             }

@@ -124,7 +124,8 @@ pub fn on_readings(unit: &StoredUnit, readings: &[(i64, f64)]) -> Verdict {
             // open excursion and recorded after it opened, it is one of that excursion's
             // readings (arrived late, or committed after a newer one by another node).
             if let Some(kind) = state.excursion
-                && thresholds::classify(&unit.thresholds, temperature).is_some_and(|(k, _)| k == kind)
+                && thresholds::classify(&unit.thresholds, temperature)
+                    .is_some_and(|(k, _)| k == kind)
                 && opened_at(unit, &v, &open, kind).is_some_and(|t| at >= t)
             {
                 raise_peak(unit, &mut v, &open, kind, temperature);

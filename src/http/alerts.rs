@@ -260,7 +260,7 @@ pub async fn acknowledge(
             // Announced at once by this node's monitor; if it is shutting down the row stays in
             // the outbox and its lease runs out, then any node (or this one restarted) sends it.
             if let Some(monitor) = app.announce.upgrade() {
-                let handover = crate::deliver::monitor::Handover {
+                let handover = crate::ingest::Handover {
                     events: vec![event],
                     pending: None,
                 };

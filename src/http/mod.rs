@@ -51,11 +51,13 @@ pub struct AppState {
     pub metrics: metrics_exporter_prometheus::PrometheusHandle,
     /// This node's monitor, for the events an HTTP request commits (an acknowledgement): weak,
     /// so it does not keep the monitor running past the ingest writer at shutdown.
-    pub announce: tokio::sync::mpsc::WeakSender<crate::deliver::monitor::Handover>,
+    pub announce: tokio::sync::mpsc::WeakSender<crate::ingest::Handover>,
 }
 
-/// The API routes (without Socket.io, which is a layer added in `lib.rs`).
-pub fn router(state: AppState) -> Router {
+/// The API routes (without Socket.io, which is a layer added in `lib.rs`). `edges` are the
+/// routes of the other edges (the plain WebSocket), so that unknown paths and wrong methods get
+/// one answer everywhere under `/api`.
+pub fn router(state: AppState, edges: Router) -> Router {
     let body_limit = state.config.limits.max_body_bytes;
     Router::new()
         .merge(health::router())
@@ -66,15 +68,15 @@ pub fn router(state: AppState) -> Router {
         .merge(keys::router())
         .merge(events::router())
         .merge(webhooks::router())
-        .merge(crate::ws::router())
         .merge(demo::router(state.config.demo))
         .route(
             "/api/{*rest}",
             axum::routing::any(|| async { AppError::NotFound("no such endpoint".into()) }),
         )
         .layer(DefaultBodyLimit::max(body_limit))
-        .layer(axum::middleware::map_response(method_not_allowed_json))
         .with_state(state)
+        .merge(edges)
+        .layer(axum::middleware::map_response(method_not_allowed_json))
 }
 
 /// axum answers a known path asked with another method by a 405 with an `Allow` header and no

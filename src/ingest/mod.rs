@@ -16,7 +16,18 @@ use futures_util::StreamExt;
 use futures_util::stream::FuturesOrdered;
 use tokio::sync::{mpsc, oneshot, watch};
 
-pub use validate::{Invalid, MAX_FUTURE_MS, NewReading, validate};
+pub use crate::store::NewReading;
+pub use validate::{Invalid, MAX_FUTURE_MS, validate};
+
+/// What one commit stored for announcement, handed over by the ingest writer to
+/// `deliver::monitor`.
+pub struct Handover {
+    /// Its alert and status events: announced now.
+    pub events: Vec<crate::store::OutboxEvent>,
+    /// Its `pending_batches` row: announced by this node's fanout at its next flush; tracked
+    /// here (lease renewed) until the emitter reports it out.
+    pub pending: Option<i64>,
+}
 
 use crate::pipeline::Health;
 use crate::store::{Outcomes, Store, StoreError, now_ms};
@@ -152,7 +163,7 @@ pub struct Downstream {
     pub readings: Vec<mpsc::Sender<Arc<Committed>>>,
     /// What each commit stored for announcement (its alert and status events, its pending
     /// readings), to be tracked until it is out.
-    pub announce: mpsc::Sender<crate::deliver::monitor::Handover>,
+    pub announce: mpsc::Sender<Handover>,
 }
 
 /// Group commits in flight at once. While one commits (its fsync, the verdicts, the round trips
@@ -316,17 +327,7 @@ async fn commit(store: &Store, mut jobs: Vec<Job>, buffered: &AtomicUsize) -> Op
                 committed_at,
                 site_id,
                 recorded_at: r.recorded_at,
-                reading: SensorReading {
-                    id: id.to_string(),
-                    unit_id: r.unit_id,
-                    device_id: (!r.device_id.is_empty()).then_some(r.device_id),
-                    temperature: r.temperature,
-                    humidity: r.humidity,
-                    battery: r.battery,
-                    signal_strength: r.signal_strength,
-                    recorded_at: crate::wire::format_time(r.recorded_at),
-                    source: r.source,
-                },
+                reading: r.into_wire(*id),
             })
             .collect();
         job.reply.send(Ok(mine)).ok();
@@ -363,7 +364,7 @@ async fn hand_off(done: Done, downstream: &Downstream) {
     } else {
         done.events
     };
-    let handover = crate::deliver::monitor::Handover {
+    let handover = Handover {
         events,
         pending: done.pending,
     };

@@ -5,27 +5,13 @@
 
 use serde_json::{Map, Value};
 
+use crate::store::NewReading;
 use crate::wire::{FieldError, valid_id};
 
 /// How far in the future a `recordedAt` may be.
 pub const MAX_FUTURE_MS: i64 = 5 * 60 * 1000;
 /// 2000-01-01T00:00:00Z: anything older is a device clock that was never set.
 const MIN_TIME_MS: i64 = 946_684_800_000;
-
-/// A reading that passed validation, ready to store.
-#[derive(Debug, Clone, PartialEq)]
-pub struct NewReading {
-    pub unit_id: String,
-    /// `""` when the sender gave none (the idempotency key needs a value).
-    pub device_id: String,
-    pub temperature: f64,
-    pub humidity: Option<f64>,
-    pub battery: Option<f64>,
-    pub signal_strength: Option<f64>,
-    /// Epoch milliseconds.
-    pub recorded_at: i64,
-    pub source: String,
-}
 
 #[derive(Debug, PartialEq)]
 pub enum Invalid {

@@ -15,8 +15,8 @@ use socketioxide::adapter::Adapter;
 use socketioxide::socket::Sid;
 use tokio::sync::Notify;
 
-use crate::session::Session;
 use crate::auth::jwt::now_secs;
+use crate::session::Session;
 use crate::wire::AuthExpired;
 
 /// The deadlines (seconds since the epoch, see `UserClaims::deadline`) of the node's sockets.

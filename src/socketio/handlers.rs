@@ -10,14 +10,14 @@ use serde_json::Value;
 use socketioxide::adapter::Adapter;
 use socketioxide::extract::{SocketRef, State, TryData};
 
+use super::Ctx;
+use super::reply::Reply;
+use crate::auth::{UserClaims, valid_id};
 use crate::deliver::emitter::Command;
 use crate::deliver::feed::SocketFollows;
 use crate::rate_limit::Verdict;
-use super::reply::Reply;
-use crate::session::{Session, Turn};
-use super::Ctx;
 use crate::rooms;
-use crate::auth::{UserClaims, valid_id};
+use crate::session::{Session, Turn};
 use crate::store::StoreError;
 use crate::wire::{RefreshAck, SensorReading, SubscribeAck, SyncAck};
 

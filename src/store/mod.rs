@@ -19,7 +19,7 @@ use sqlx::{PgPool, SqlitePool};
 
 pub use alerts::{Acknowledge, AlertQuery};
 pub use readings::{Committed, Outcomes, ReadingKey};
-pub use rows::{AlertRow, ApiKeyRow, ReadingRow, UnitRow};
+pub use rows::{AlertRow, ApiKeyRow, NewReading, ReadingRow, UnitRow};
 pub use unit_state::{LEASE_MS, Leased, OutboxEvent, PendingReading};
 
 use crate::wire::{AlertStatus, Site, UpdateUnit};

@@ -20,7 +20,7 @@ pub(super) async fn connect(url: &str) -> Result<PgPool, sqlx::Error> {
         .await
 }
 
-use crate::ingest::NewReading;
+use super::NewReading;
 
 /// The group's rows, `ON CONFLICT DO NOTHING` on the idempotency key. Only the ids come back:
 /// PostgreSQL inserts the rows of `INSERT … SELECT` in the order the `SELECT` yields them (here

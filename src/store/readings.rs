@@ -14,9 +14,9 @@
 use std::collections::hash_map::Entry;
 use std::collections::{HashMap, HashSet};
 
+use super::NewReading;
 use super::unit_state::{self, OutboxEvent};
 use super::{Engine, Result, Store, StoreError, postgres, sqlite};
-use crate::ingest::NewReading;
 use crate::evaluate::verdict::{self, StoredUnit, Verdict};
 
 /// The idempotency key of a reading.
@@ -392,7 +392,7 @@ mod tests {
                 .unwrap();
             assert_eq!(latest.len(), 1);
             assert_eq!(latest[0].id, id);
-            assert_eq!(latest[0].temperature, r.temperature);
+            assert_eq!(latest[0].reading.temperature, r.temperature);
         }
     }
 }

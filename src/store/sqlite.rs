@@ -36,8 +36,8 @@ pub(super) async fn connect(url: &str) -> Result<SqlitePool, sqlx::Error> {
 
 use std::collections::HashMap;
 
+use super::NewReading;
 use super::readings::{KeyRef, StoredKey, key_ref};
-use crate::ingest::NewReading;
 
 const INSERT: &str = "INSERT INTO readings (org_id, unit_id, device_id, temperature, humidity, \
     battery, signal_strength, recorded_at, source, received_at) \

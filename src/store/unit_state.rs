@@ -364,10 +364,10 @@ macro_rules! engine_functions {
     ($db:ty, $conn:ty, $sql:expr) => {
         use sqlx::Row;
 
+        use crate::evaluate::verdict::{StoredUnit, Verdict};
         use crate::store::unit_state::{
             LEASE_MS, OutboxEvent, UnitRow, stored_units, unit_keys, writes,
         };
-        use crate::evaluate::verdict::{StoredUnit, Verdict};
 
         /// Locks the units' rows (in key order) and reads their state and open alerts.
         pub(in crate::store) async fn lock_units(

@@ -7,6 +7,7 @@
 //! and drops a peer that has not answered for 60 s.
 
 use std::collections::HashSet;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use axum::Router;
@@ -18,16 +19,30 @@ use futures_util::{SinkExt, StreamExt};
 use serde::Deserialize;
 
 use crate::auth::jwt::now_secs;
-use crate::auth::{UserClaims, valid_id};
-use crate::deliver::relay::{Delivery, Topic};
-use crate::http::AppState;
+use crate::auth::{JwtVerifier, UserClaims, valid_id};
+use crate::deliver::relay::{Bus, Delivery, Topic};
+use crate::store::unit_cache::Units;
 use crate::wire::{TelemetryData, TelemetryMetrics, WsChannel, WsClientMessage, WsServerMessage};
 
 const PING_EVERY: Duration = Duration::from_secs(25);
 const DEAD_AFTER: Duration = Duration::from_secs(60);
 
-pub fn router() -> Router<AppState> {
-    Router::new().route("/api/v2/ws", get(upgrade))
+/// What a plain WebSocket connection needs of the gateway.
+#[derive(Clone)]
+pub struct AppState {
+    pub jwt: Arc<JwtVerifier>,
+    /// Telemetry and alerts of the connection's organisation, from every node.
+    pub bus: Bus,
+    /// Whether a unit exists and which site holds it, for `subscribe` checks.
+    pub units: Arc<Units>,
+    /// Per-connection cap on subscriptions (`MAX_ROOMS_PER_SOCKET`).
+    pub max_rooms: usize,
+}
+
+pub fn router(state: AppState) -> Router {
+    Router::new()
+        .route("/api/v2/ws", get(upgrade))
+        .with_state(state)
 }
 
 #[derive(Deserialize)]
@@ -213,7 +228,7 @@ impl Connection {
             Some(other) => return vec![error(&format!("unknown action {other:?}"))],
             None => return vec![error("missing \"action\" (subscribe or unsubscribe)")],
         };
-        let cap = self.app.config.limits.max_rooms_per_socket;
+        let cap = self.app.max_rooms;
         let org = self.claims.org_id.as_str();
         match msg.kind.as_str() {
             "alerts" => {
