@@ -1,6 +1,7 @@
-//! `GET /api/demo/token`: a short-lived viewer token for the demo organisation, so the demo
-//! dashboard can sign in (and renew) with no identity provider. Exists only under
-//! `sensorwire demo`; `serve` never mounts it.
+//! `GET /api/demo/token`: a short-lived token for the demo organisation's `demo-viewer` user, so
+//! the demo dashboard can sign in (and renew) with no identity provider. The user is an operator,
+//! not a viewer, so that the demo can acknowledge alerts. Exists only under `sensorwire demo`;
+//! `serve` never mounts it.
 
 use axum::extract::State;
 use axum::routing::get;

@@ -3,7 +3,7 @@
 
 use axum::extract::rejection::JsonRejection;
 use axum::extract::{FromRequest, FromRequestParts, Request};
-use axum::http::{StatusCode, header, request::Parts};
+use axum::http::{StatusCode, request::Parts};
 use serde::de::DeserializeOwned;
 
 use super::{AppError, AppState};
@@ -14,14 +14,7 @@ impl FromRequestParts<AppState> for Caller {
     type Rejection = AppError;
 
     async fn from_request_parts(parts: &mut Parts, app: &AppState) -> Result<Self, AppError> {
-        let bearer = parts
-            .headers
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| {
-                v.strip_prefix("Bearer ")
-                    .or_else(|| v.strip_prefix("bearer "))
-            });
+        let bearer = crate::auth::bearer(&parts.headers);
         let api_key = parts.headers.get("x-api-key").and_then(|v| v.to_str().ok());
         let credential = api_key.or(bearer).map(str::trim).unwrap_or_default();
         if credential.is_empty() {

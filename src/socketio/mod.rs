@@ -78,16 +78,8 @@ fn presented_token<A: Adapter>(
         return Some(t.clone());
     }
     let parts = s.req_parts();
-    let header = parts
-        .headers
-        .get(axum::http::header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| {
-            v.strip_prefix("Bearer ")
-                .or_else(|| v.strip_prefix("bearer "))
-        });
-    if let Some(t) = header.filter(|t| !t.trim().is_empty()) {
-        return Some(t.trim().to_string());
+    if let Some(t) = crate::auth::bearer(&parts.headers) {
+        return Some(t.to_string());
     }
     if allow_query {
         let query = parts.uri.query().unwrap_or_default();
