@@ -364,7 +364,7 @@ async fn serve<A: Adapter>(
         closing_io.close().await;
         drained.send(()).ok();
     });
-    // Connections that the slow-consumer sweep can end (see `realtime::slow`).
+    // Connections that the slow-consumer sweep can end (see `deliver::slow` and `net`).
     axum::serve(
         net::Listener::new(listener),
         app.into_make_service_with_connect_info::<net::Connection>(),

@@ -1,5 +1,5 @@
 //! The way out to clients: pipeline stages put events in the [`Outbox`]; the emitter
-//! (`emitter.rs`) logs organisation events and broadcasts everything.
+//! (`emitter/`) logs organisation events and broadcasts everything.
 //!
 //! Each payload is serialised once, here, into raw JSON; socketioxide then encodes the packet
 //! once per broadcast and writes the same bytes to every recipient socket.

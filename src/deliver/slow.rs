@@ -88,7 +88,7 @@ pub fn broadcast_failed(error: &BroadcastError) {
     }
 }
 
-/// Marks a socket whose missed events are being sent (see `emitter.rs`): its queue is full by
+/// Marks a socket whose missed events are being sent (see `emitter/replay.rs`): its queue is full by
 /// design while the client catches up.
 #[derive(Clone, Copy, Debug)]
 pub struct Replaying;

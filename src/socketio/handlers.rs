@@ -358,7 +358,7 @@ async fn drop_unseen_subscriptions<A: Adapter>(
     }
 }
 
-/// This socket no longer needs the live readings of `room`'s site (`feed.rs`).
+/// This socket no longer needs the live readings of `room`'s site (`deliver::feed`).
 fn unfollow_live<A: Adapter>(s: &SocketRef<A>, room: &str) {
     if let Some(follows) = s.extensions.get::<Arc<SocketFollows>>() {
         follows.remove_live(room);

@@ -40,7 +40,7 @@ pub struct Ctx {
     pub commands: tokio::sync::mpsc::Sender<emitter::Command>,
     /// Ends sockets whose token runs out.
     pub expiry: Arc<expiry::Expiry>,
-    /// What this node follows in Redis, with several nodes (`feed.rs`).
+    /// What this node follows in Redis, with several nodes (`deliver::feed`).
     pub follows: feed::Follows,
 }
 

@@ -1,4 +1,4 @@
-// Slow consumers (src/realtime/slow.rs): a Socket.io client that stops reading while batches
+// Slow consumers (src/deliver/slow.rs): a Socket.io client that stops reading while batches
 // flow to its organisation is disconnected once its outgoing buffer stays full, counted in
 // `sensorwire_slow_consumer_disconnects_total{client="socketio"}`; the gateway's memory stays
 // bounded and a normal client of the same organisation receives every batch.
