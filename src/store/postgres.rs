@@ -1,4 +1,7 @@
 //! The shared engine: PostgreSQL, for one or many nodes.
+//!
+//! The same steps as `sqlite.rs` in this engine's SQL and binding style: the two engine files are
+//! parallel on purpose (what they share is in `readings.rs`), so each reads on its own.
 
 use std::time::Duration;
 

@@ -1,4 +1,7 @@
 //! The embedded engine: one SQLite file in WAL mode, for a single node.
+//!
+//! The same steps as `postgres.rs` in this engine's SQL and binding style: the two engine files are
+//! parallel on purpose (what they share is in `readings.rs`), so each reads on its own.
 
 use std::str::FromStr;
 use std::time::Duration;
