@@ -181,6 +181,7 @@ async fn flush(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::deliver::outbox::Outgoing;
 
     /// A stored reading of `unit`, named by its id, recorded at `at` ms.
     fn stored(unit: &str, id: &str, at: i64) -> Stored {
@@ -370,5 +371,52 @@ mod tests {
                 ("v".to_string(), 1, vec![Leased::Readings(9)])
             ]
         );
+    }
+
+    #[tokio::test]
+    async fn on_shutdown_the_fanout_flushes_what_it_holds() {
+        // The bus is only asked whether plain WebSocket clients want the organisation (none
+        // do): its store is never used.
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite:{}", dir.path().join("t.db").display());
+        let bus = crate::deliver::relay::Bus::new(
+            crate::store::Store::connect(&url).await.unwrap(),
+            None,
+        );
+        let (outbox, mut out) = Outbox::new(16);
+        let (input, commits) = mpsc::channel(4);
+        let buffered = Arc::new(AtomicUsize::new(2));
+        input
+            .send(Arc::new(committed(
+                "org",
+                vec![stored("u", "2", 20), stored("u", "1", 10)],
+                Some(4),
+            )))
+            .await
+            .unwrap();
+        drop(input);
+        // No flush is due for an hour: only the shutdown sends the batch.
+        let fanout = run(
+            bus,
+            commits,
+            outbox,
+            Duration::from_secs(3600),
+            100,
+            buffered.clone(),
+        );
+        tokio::time::timeout(Duration::from_secs(5), fanout)
+            .await
+            .unwrap();
+        let sent: Vec<Outgoing> = std::iter::from_fn(|| out.try_recv().ok()).collect();
+        let events: Vec<&str> = sent.iter().map(|o| o.event.as_ref()).collect();
+        assert_eq!(
+            events,
+            ["sensor:reading", "sensor:reading", "sensor:readings:batch"]
+        );
+        let batch: ReadingsBatch = serde_json::from_str(sent[2].payload.get()).unwrap();
+        let ids: Vec<&str> = batch.readings.iter().map(|r| r.id.as_str()).collect();
+        assert_eq!(ids, ["1", "2"]);
+        assert_eq!(sent[2].done, [Leased::Readings(4)]);
+        assert_eq!(buffered.load(Ordering::Relaxed), 0);
     }
 }
