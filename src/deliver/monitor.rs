@@ -14,7 +14,7 @@
 //! Rows this node has handed to the emitter and not yet deleted are "in flight": it renews their
 //! leases, and its own relay skips them, so a slow emitter makes no node announce them twice.
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashSet};
 use std::time::Duration;
 
 use serde_json::value::RawValue;
@@ -25,7 +25,8 @@ use crate::deliver::outbox::Outbox;
 use crate::deliver::relay::Bus;
 use crate::ingest::Handover;
 use crate::rooms;
-use crate::store::{Leased, OutboxEvent, Store, now_ms};
+use crate::store::{Leased, OutboxEvent, PendingReading, Store, now_ms};
+use crate::wire::{ReadingsBatch, SensorReading};
 
 /// How many expired rows one relay round takes.
 const RELAY_BATCH: i64 = 500;
@@ -43,9 +44,88 @@ pub struct Monitor {
     bus: Bus,
     /// The most readings in one batch event (`BATCH_MAX_READINGS`).
     max_per_event: usize,
-    in_flight: HashSet<Leased>,
+    in_flight: InFlight,
+}
+
+/// The rows this node has handed to the emitter and not yet deleted ("in flight"), and those
+/// to delete. Kept apart from storage so that the lease rules can be tested without it.
+#[derive(Default)]
+struct InFlight {
+    rows: HashSet<Leased>,
     /// Announced rows whose delete failed (storage away): retried on the next tick.
     to_delete: Vec<Leased>,
+}
+
+impl InFlight {
+    /// Takes `row` on; `false` when it is in flight already (this node announces it once).
+    fn claim(&mut self, row: Leased) -> bool {
+        self.rows.insert(row)
+    }
+
+    fn contains(&self, row: Leased) -> bool {
+        self.rows.contains(&row)
+    }
+
+    fn is_empty(&self) -> bool {
+        self.rows.is_empty()
+    }
+
+    /// The emitter reported `row` out: its row goes, and until then it stays in flight.
+    fn sent(&mut self, row: Leased) {
+        self.to_delete.push(row);
+    }
+
+    /// A claimed row with nothing to announce (malformed, or none of its readings left): deleted
+    /// without going out.
+    fn discard(&mut self, row: Leased) {
+        self.rows.remove(&row);
+        self.to_delete.push(row);
+    }
+
+    /// The rows to delete went: they are no longer in flight.
+    fn deleted(&mut self) {
+        for id in self.to_delete.drain(..) {
+            self.rows.remove(&id);
+        }
+    }
+
+    /// The leases to renew.
+    fn leases(&self) -> Vec<Leased> {
+        self.rows.iter().copied().collect()
+    }
+
+    /// Of the expired events claimed, those that no one on this node is announcing.
+    fn orphans(&self, claimed: Vec<OutboxEvent>) -> Vec<OutboxEvent> {
+        claimed
+            .into_iter()
+            .filter(|e| !self.contains(Leased::Event(e.id)))
+            .collect()
+    }
+}
+
+/// Readings of a commit whose node died before its flush, as that flush would have sent them:
+/// one unit's readings per event, in `recordedAt` order, split at the cap; units in
+/// (organisation, unit) order. Each with its organisation and site.
+fn relayed_batches(
+    readings: Vec<PendingReading>,
+    max_per_event: usize,
+) -> Vec<(String, String, ReadingsBatch)> {
+    let mut by_unit: BTreeMap<(String, String), (String, Vec<SensorReading>)> = BTreeMap::new();
+    for p in readings {
+        by_unit
+            .entry((p.org_id, p.reading.reading.unit_id.clone()))
+            .or_insert_with(|| (p.site_id, Vec::new()))
+            .1
+            .push(SensorReading::from(p.reading));
+    }
+    let mut events = Vec::new();
+    for ((org, unit), (site, mut readings)) in by_unit {
+        readings.sort_by(|a, b| a.recorded_at.cmp(&b.recorded_at));
+        for batch in crate::deliver::fanout::batches(&unit, readings.iter(), max_per_event) {
+            events.push((org.clone(), site.clone(), batch));
+        }
+    }
+    events
 }
 
 impl Monitor {
@@ -55,8 +135,7 @@ impl Monitor {
             outbox,
             bus,
             max_per_event,
-            in_flight: HashSet::new(),
-            to_delete: Vec::new(),
+            in_flight: InFlight::default(),
         }
     }
 
@@ -100,7 +179,9 @@ impl Monitor {
 
     /// A commit's rows are this node's from here on: in flight, never relayed as orphans.
     async fn take(&mut self, h: Handover) {
-        self.in_flight.extend(h.pending.map(Leased::Readings));
+        if let Some(pending) = h.pending {
+            self.in_flight.claim(Leased::Readings(pending));
+        }
         self.announce(h.events).await;
     }
 
@@ -116,7 +197,7 @@ impl Monitor {
     async fn announce(&mut self, events: Vec<OutboxEvent>) {
         let mut alerts_changed: Vec<String> = Vec::new();
         for e in events {
-            if !self.in_flight.insert(Leased::Event(e.id)) {
+            if !self.in_flight.claim(Leased::Event(e.id)) {
                 continue;
             }
             let (Ok(rooms), Ok(payload)) = (
@@ -124,8 +205,7 @@ impl Monitor {
                 RawValue::from_string(e.payload),
             ) else {
                 tracing::error!(id = e.id, "malformed outbox event; dropped");
-                self.in_flight.remove(&Leased::Event(e.id));
-                self.to_delete.push(Leased::Event(e.id));
+                self.in_flight.discard(Leased::Event(e.id));
                 continue;
             };
             if e.event.starts_with("alert:") && !alerts_changed.contains(&e.org_id) {
@@ -143,23 +223,19 @@ impl Monitor {
 
     /// The emitter sent `first` (and maybe more): delete their rows.
     async fn sent(&mut self, first: Leased, more: &mut mpsc::UnboundedReceiver<Leased>) {
-        self.to_delete.push(first);
+        self.in_flight.sent(first);
         while let Ok(id) = more.try_recv() {
-            self.to_delete.push(id);
+            self.in_flight.sent(id);
         }
         self.flush_deletes().await;
     }
 
     async fn flush_deletes(&mut self) {
-        if self.to_delete.is_empty() {
+        if self.in_flight.to_delete.is_empty() {
             return;
         }
-        match self.store.release(&self.to_delete).await {
-            Ok(()) => {
-                for id in self.to_delete.drain(..) {
-                    self.in_flight.remove(&id);
-                }
-            }
+        match self.store.release(&self.in_flight.to_delete).await {
+            Ok(()) => self.in_flight.deleted(),
             Err(e) => tracing::warn!(error = %e, "forgetting announced events failed; retrying"),
         }
     }
@@ -167,7 +243,7 @@ impl Monitor {
     async fn relay(&mut self, committed: &mut mpsc::Receiver<Handover>) {
         self.flush_deletes().await;
         if !self.in_flight.is_empty() {
-            let leased: Vec<Leased> = self.in_flight.iter().copied().collect();
+            let leased = self.in_flight.leases();
             if let Err(e) = self.store.renew_leases(&leased, now_ms()).await {
                 tracing::debug!(error = %e, "renewing the leases of what is in flight failed");
             }
@@ -184,10 +260,7 @@ impl Monitor {
         };
         // A commit that ended while the claim ran sent its handover right after.
         self.take_queued(committed).await;
-        let orphans: Vec<OutboxEvent> = claimed
-            .into_iter()
-            .filter(|e| !self.in_flight.contains(&Leased::Event(e.id)))
-            .collect();
+        let orphans = self.in_flight.orphans(claimed);
         if !orphans.is_empty() {
             tracing::info!(
                 events = orphans.len(),
@@ -210,7 +283,7 @@ impl Monitor {
         self.take_queued(committed).await;
         for (id, ranges) in claimed {
             let leased = Leased::Readings(id);
-            if self.in_flight.contains(&leased) {
+            if self.in_flight.contains(leased) {
                 continue;
             }
             let readings = match self.store.pending_readings(&ranges).await {
@@ -224,25 +297,8 @@ impl Monitor {
                 readings = readings.len(),
                 "announcing stored readings that their node did not send"
             );
-            self.in_flight.insert(leased);
-            let mut by_unit: std::collections::BTreeMap<(String, String), (String, Vec<_>)> =
-                Default::default();
-            for p in readings {
-                by_unit
-                    .entry((p.org_id, p.reading.reading.unit_id.clone()))
-                    .or_insert_with(|| (p.site_id, Vec::new()))
-                    .1
-                    .push(crate::wire::SensorReading::from(p.reading));
-            }
-            let mut events = Vec::new();
-            for ((org, unit), (site, mut readings)) in by_unit {
-                readings.sort_by(|a, b| a.recorded_at.cmp(&b.recorded_at));
-                for batch in
-                    crate::deliver::fanout::batches(&unit, readings.iter(), self.max_per_event)
-                {
-                    events.push((org.clone(), site.clone(), batch));
-                }
-            }
+            self.in_flight.claim(leased);
+            let events = relayed_batches(readings, self.max_per_event);
             let last = events.len();
             for (i, (org, site, batch)) in events.into_iter().enumerate() {
                 let done = if i + 1 == last {
@@ -257,8 +313,7 @@ impl Monitor {
             }
             if last == 0 {
                 // Every unit of it is gone: nothing to announce.
-                self.in_flight.remove(&leased);
-                self.to_delete.push(leased);
+                self.in_flight.discard(leased);
             }
         }
     }
@@ -281,5 +336,148 @@ impl Monitor {
                 Err(e) => tracing::warn!(error = %e, "offline alert failed"),
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::{NewReading, ReadingRow};
+
+    fn event(id: i64) -> OutboxEvent {
+        OutboxEvent {
+            id,
+            org_id: "org".into(),
+            event: "alert:triggered".into(),
+            rooms: "[]".into(),
+            payload: "{}".into(),
+        }
+    }
+
+    fn ids(events: &[OutboxEvent]) -> Vec<i64> {
+        events.iter().map(|e| e.id).collect()
+    }
+
+    fn pending(org: &str, site: &str, unit: &str, id: i64, at: i64) -> PendingReading {
+        PendingReading {
+            org_id: org.into(),
+            site_id: site.into(),
+            reading: ReadingRow {
+                id,
+                reading: NewReading {
+                    unit_id: unit.into(),
+                    device_id: String::new(),
+                    temperature: 3.0,
+                    humidity: None,
+                    battery: None,
+                    signal_strength: None,
+                    recorded_at: at,
+                    source: "test".into(),
+                },
+            },
+        }
+    }
+
+    #[test]
+    fn an_event_is_announced_once_while_in_flight() {
+        let mut rows = InFlight::default();
+        assert!(rows.claim(Leased::Event(1)));
+        assert!(!rows.claim(Leased::Event(1)), "a second copy is skipped");
+        // Event and readings rows are numbered apart.
+        assert!(rows.claim(Leased::Readings(1)));
+    }
+
+    #[test]
+    fn the_relay_skips_the_rows_in_flight() {
+        let mut rows = InFlight::default();
+        rows.claim(Leased::Event(2));
+        rows.claim(Leased::Readings(3));
+        assert_eq!(
+            ids(&rows.orphans(vec![event(1), event(2), event(3)])),
+            [1, 3],
+            "readings row 3 in flight says nothing of event 3"
+        );
+    }
+
+    #[test]
+    fn a_row_stays_in_flight_leases_renewed_until_its_delete_went_through() {
+        let mut rows = InFlight::default();
+        rows.claim(Leased::Event(1));
+        rows.claim(Leased::Readings(2));
+        rows.sent(Leased::Event(1));
+        // Sent but not yet deleted (the delete may fail): still this node's.
+        assert!(rows.contains(Leased::Event(1)));
+        assert!(rows.orphans(vec![event(1)]).is_empty());
+        let mut leases = rows.leases();
+        leases.sort_by_key(|l| format!("{l:?}"));
+        assert_eq!(leases, [Leased::Event(1), Leased::Readings(2)]);
+        rows.deleted();
+        assert!(!rows.contains(Leased::Event(1)));
+        assert_eq!(rows.leases(), [Leased::Readings(2)]);
+        assert!(rows.to_delete.is_empty());
+    }
+
+    #[test]
+    fn a_failed_delete_keeps_every_row_for_the_next_try() {
+        let mut rows = InFlight::default();
+        rows.claim(Leased::Event(1));
+        rows.claim(Leased::Event(2));
+        rows.sent(Leased::Event(1));
+        // The delete failed: nothing called `deleted`; more reports arrive meanwhile.
+        rows.sent(Leased::Event(2));
+        assert_eq!(rows.to_delete, [Leased::Event(1), Leased::Event(2)]);
+        assert!(!rows.is_empty(), "shutdown keeps waiting for them");
+        rows.deleted();
+        assert!(rows.is_empty());
+    }
+
+    #[test]
+    fn a_row_with_nothing_to_announce_is_deleted_without_going_out() {
+        let mut rows = InFlight::default();
+        rows.claim(Leased::Event(5));
+        rows.discard(Leased::Event(5));
+        assert!(!rows.contains(Leased::Event(5)));
+        assert!(rows.is_empty(), "shutdown does not wait for it");
+        assert_eq!(rows.to_delete, [Leased::Event(5)]);
+    }
+
+    #[test]
+    fn relayed_readings_are_batched_per_unit_in_recorded_at_order() {
+        let got = relayed_batches(
+            vec![
+                pending("org-b", "s1", "u1", 1, 5),
+                pending("org-a", "s2", "u2", 2, 30),
+                pending("org-a", "s2", "u2", 3, 10),
+                pending("org-a", "s1", "u1", 4, 20),
+                pending("org-a", "s2", "u2", 5, 20),
+            ],
+            100,
+        );
+        let shape: Vec<(&str, &str, &str, Vec<&str>)> = got
+            .iter()
+            .map(|(org, site, b)| {
+                let ids = b.readings.iter().map(|r| r.id.as_str()).collect();
+                (org.as_str(), site.as_str(), b.unit_id.as_str(), ids)
+            })
+            .collect();
+        assert_eq!(
+            shape,
+            vec![
+                ("org-a", "s1", "u1", vec!["4"]),
+                ("org-a", "s2", "u2", vec!["3", "5", "2"]),
+                ("org-b", "s1", "u1", vec!["1"]),
+            ]
+        );
+    }
+
+    #[test]
+    fn relayed_readings_split_at_the_cap_and_none_is_dropped() {
+        let readings = (0..5).map(|i| pending("org", "s", "u", i, i)).collect();
+        let got = relayed_batches(readings, 2);
+        assert_eq!(
+            got.iter().map(|(_, _, b)| b.count).collect::<Vec<_>>(),
+            [2, 2, 1]
+        );
+        assert!(relayed_batches(Vec::new(), 2).is_empty());
     }
 }

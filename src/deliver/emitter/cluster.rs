@@ -46,19 +46,13 @@ pub(super) async fn run_cluster<A: Adapter>(
         node,
         stop,
     ));
-    // Where this node's delivery stands in the stream of each organisation it follows;
-    // replays go up to here.
-    let mut delivered: HashMap<String, Offset> = HashMap::new();
-    // Replays asked for before their organisation's start was through.
-    let mut deferred: HashMap<String, Vec<Command>> = HashMap::new();
+    let mut delivered = Delivered::default();
     // Once the appender has ended (shutdown): deliver up to its last events, then stop.
     let mut last_appended: Option<HashMap<String, Offset>> = None;
     let mut deadline = std::pin::pin!(tokio::time::sleep(Duration::MAX));
     loop {
         if let Some(last) = &last_appended
-            && last
-                .iter()
-                .all(|(org, at)| delivered.get(org).is_none_or(|d| d >= at))
+            && delivered.reached(last)
         {
             break;
         }
@@ -66,18 +60,17 @@ pub(super) async fn run_cluster<A: Adapter>(
             biased;
             f = fed.recv() => match f {
                 Some(Fed::Started { org, at }) => {
-                    delivered.insert(org.clone(), at);
-                    for command in deferred.remove(&org).unwrap_or_default() {
+                    for command in delivered.started(org, at) {
                         replay_from_log(&io, command, &requeue, &log, at).await;
                     }
                 }
                 Some(Fed::Entry { org, entry, from_here: true }) => {
                     // This node's outage backlog: its sockets got these while Redis was away.
-                    delivered.insert(org, entry.offset);
+                    delivered.delivered(org, entry.offset);
                 }
                 Some(Fed::Entry { org, entry, .. }) => {
                     crate::observe::emitted(crate::observe::event_label(&entry.event));
-                    delivered.insert(org.clone(), entry.offset);
+                    delivered.delivered(org.clone(), entry.offset);
                     // Every following node delivers the stream itself: local sockets only.
                     let upto = entry.offset;
                     deliver(&io, &org, &entry, &requeue, Some(true), |org, since, membership| {
@@ -88,7 +81,7 @@ pub(super) async fn run_cluster<A: Adapter>(
                     .await;
                 }
                 Some(Fed::Lost { org, at }) => {
-                    delivered.insert(org.clone(), at);
+                    delivered.delivered(org.clone(), at);
                     let sockets = io.to(crate::rooms::org(&org)).local().sockets();
                     for socket in sockets {
                         crate::observe::resync("redis_outage");
@@ -98,20 +91,17 @@ pub(super) async fn run_cluster<A: Adapter>(
                     }
                 }
                 Some(Fed::Unavailable { org } | Fed::Stopped { org }) => {
-                    delivered.remove(&org);
                     // Redis is away, or their sockets left before the start was through: no
                     // replay can be trusted, and nothing is held waiting for one.
-                    for command in deferred.remove(&org).unwrap_or_default() {
+                    for command in delivered.gone(&org) {
                         handle(&io, command, &requeue, |_, _, _| async { Ok(Replay::Lost) }).await;
                     }
                 }
                 None => break,
             },
             Some(command) = commands.recv() => {
-                let org = command.org().to_string();
-                match delivered.get(&org) {
-                    Some(&upto) => replay_from_log(&io, command, &requeue, &log, upto).await,
-                    None => deferred.entry(org).or_default().push(command),
+                if let Some((command, upto)) = delivered.replay(command) {
+                    replay_from_log(&io, command, &requeue, &log, upto).await;
                 }
             }
             done = &mut appender, if last_appended.is_none() => {
@@ -125,6 +115,59 @@ pub(super) async fn run_cluster<A: Adapter>(
         }
     }
     feed.abort();
+}
+
+/// Where this node's delivery stands in the stream of each organisation it follows, and the
+/// replays waiting for it. Apart from the delivery loop so that its rules can be tested: a
+/// replay goes up to the event last delivered (the next live one follows it), and waits while
+/// that is not known.
+#[derive(Default)]
+pub(super) struct Delivered {
+    /// Replays go up to here.
+    at: HashMap<String, Offset>,
+    /// Replays asked for before their organisation's start was through.
+    deferred: HashMap<String, Vec<Command>>,
+}
+
+impl Delivered {
+    /// The organisation's feed starts at `at`: the replays held for it go up to there.
+    pub(super) fn started(&mut self, org: String, at: Offset) -> Vec<Command> {
+        let held = self.deferred.remove(&org).unwrap_or_default();
+        self.at.insert(org, at);
+        held
+    }
+
+    /// Delivery reached `at` in the organisation's stream.
+    pub(super) fn delivered(&mut self, org: String, at: Offset) {
+        self.at.insert(org, at);
+    }
+
+    /// The organisation's stream cannot be followed (Redis away, or no socket wants it): the
+    /// replays held for it, to be answered as lost; later ones wait for a new start.
+    pub(super) fn gone(&mut self, org: &str) -> Vec<Command> {
+        self.at.remove(org);
+        self.deferred.remove(org).unwrap_or_default()
+    }
+
+    /// A replay to carry out now, up to the offset given; `None`: held until its
+    /// organisation's start.
+    pub(super) fn replay(&mut self, command: Command) -> Option<(Command, Offset)> {
+        match self.at.get(command.org()) {
+            Some(&upto) => Some((command, upto)),
+            None => {
+                let org = command.org().to_string();
+                self.deferred.entry(org).or_default().push(command);
+                None
+            }
+        }
+    }
+
+    /// Shutdown: whether delivery reached the last events the appender logged (organisations
+    /// this node does not follow have no sockets here to wait for).
+    pub(super) fn reached(&self, last: &HashMap<String, Offset>) -> bool {
+        last.iter()
+            .all(|(org, at)| self.at.get(org).is_none_or(|d| d >= at))
+    }
 }
 
 /// Carries out a replay command from an organisation's stream, up to `upto`.
@@ -186,15 +229,7 @@ pub(super) async fn append<A: Adapter>(
         if crate::fault::active("panic-emitter") {
             panic!("fault switch panic-emitter");
         }
-        queued.push(first);
-        while queued.len() < APPEND_MAX {
-            match outgoing.try_recv() {
-                Ok(more) => queued.push(more),
-                Err(_) => break,
-            }
-        }
-        let (org_events, live): (Vec<Outgoing>, Vec<Outgoing>) =
-            queued.drain(..).partition(|o| o.org.is_some());
+        let (org_events, live) = gather(&mut queued, first, &mut outgoing);
         if !live.is_empty() {
             publish_live(&io, &log, &health, &node, live).await;
         }
@@ -218,6 +253,23 @@ pub(super) async fn append<A: Adapter>(
     last
 }
 
+/// One append round: `first` and what is queued behind it, at most [`APPEND_MAX`] in all (the
+/// rest wait for the next round), as organisation events and live readings, each in order.
+pub(super) fn gather(
+    queued: &mut Vec<Outgoing>,
+    first: Outgoing,
+    outgoing: &mut mpsc::Receiver<Outgoing>,
+) -> (Vec<Outgoing>, Vec<Outgoing>) {
+    queued.push(first);
+    while queued.len() < APPEND_MAX {
+        match outgoing.try_recv() {
+            Ok(more) => queued.push(more),
+            Err(_) => break,
+        }
+    }
+    queued.drain(..).partition(|o| o.org.is_some())
+}
+
 /// One site's live readings of a run: organisation, site, `(unit, reading)` pairs.
 pub(super) type SiteReadings<'a> = (
     &'a str,
@@ -235,10 +287,29 @@ pub(super) async fn publish_live<A: Adapter>(
     node: &str,
     live: Vec<Outgoing>,
 ) {
-    let mut by_site: Vec<SiteReadings<'_>> = Vec::new();
     for out in &live {
         crate::observe::emitted(crate::observe::event_label(&out.event));
         broadcast(io, &out.rooms, &out.event, &out.payload, Some(true)).await;
+    }
+    if !health.is_up() {
+        return;
+    }
+    let publishes = by_site(&live).into_iter().map(|(org, site, r)| {
+        let message = serde_json::to_string(&LiveMessage { n: node.into(), r }).unwrap_or_default();
+        log.publish_live(org, site, message)
+    });
+    for result in futures_util::future::join_all(publishes).await {
+        if let Err(e) = result {
+            tracing::debug!(error = %e, "publishing live readings to other nodes failed");
+        }
+    }
+}
+
+/// Live readings grouped per site for the nodes following it, sites in the order first seen,
+/// readings in order; what has no live target is not published.
+pub(super) fn by_site(live: &[Outgoing]) -> Vec<SiteReadings<'_>> {
+    let mut by_site: Vec<SiteReadings<'_>> = Vec::new();
+    for out in live {
         let Some(target) = &out.live else { continue };
         let pair = (
             std::borrow::Cow::Borrowed(target.unit.as_str()),
@@ -252,18 +323,7 @@ pub(super) async fn publish_live<A: Adapter>(
             None => by_site.push((&target.org, &target.site, vec![pair])),
         }
     }
-    if !health.is_up() {
-        return;
-    }
-    let publishes = by_site.into_iter().map(|(org, site, r)| {
-        let message = serde_json::to_string(&LiveMessage { n: node.into(), r }).unwrap_or_default();
-        log.publish_live(org, site, message)
-    });
-    for result in futures_util::future::join_all(publishes).await {
-        if let Err(e) = result {
-            tracing::debug!(error = %e, "publishing live readings to other nodes failed");
-        }
-    }
+    by_site
 }
 
 /// The most bytes of organisation events a node keeps while Redis is away.
@@ -313,6 +373,26 @@ impl Backlog {
         }
     }
 
+    /// One `sync:complete { recovered: false }` per organisation that lost events, to all its
+    /// sockets, logged like any event so that every node's sockets get it.
+    fn resyncs(&self) -> Vec<Outgoing> {
+        self.lost
+            .iter()
+            .map(|org| Outgoing {
+                org: Some(org.clone()),
+                live: None,
+                rooms: vec![crate::rooms::org(org)],
+                event: "sync:complete".into(),
+                payload: serde_json::value::to_raw_value(&SyncComplete {
+                    recovered: false,
+                    offset: None,
+                })
+                .expect("serialises"),
+                done: Vec::new(),
+            })
+            .collect()
+    }
+
     /// Appends what it can (marked as this node's), oldest first; then the organisations that
     /// lost events get their `sync:complete { recovered: false }`.
     async fn flush(
@@ -342,22 +422,7 @@ impl Backlog {
             }
         }
         if !self.lost.is_empty() && health.is_up() {
-            let resyncs: Vec<Outgoing> = self
-                .lost
-                .iter()
-                .map(|org| Outgoing {
-                    org: Some(org.clone()),
-                    live: None,
-                    rooms: vec![crate::rooms::org(org)],
-                    event: "sync:complete".into(),
-                    payload: serde_json::value::to_raw_value(&SyncComplete {
-                        recovered: false,
-                        offset: None,
-                    })
-                    .expect("serialises"),
-                    done: Vec::new(),
-                })
-                .collect();
+            let resyncs = self.resyncs();
             tracing::warn!(
                 organisations = resyncs.len(),
                 "the Redis outage backlog overflowed; those organisations' dashboards refetch"
@@ -448,5 +513,285 @@ pub(super) async fn local_only<A: Adapter>(io: &SocketIo<A>, out: &Outgoing) {
             }
             crate::observe::caught_up(Duration::ZERO);
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::deliver::outbox::LiveTarget;
+
+    /// An organisation event of `bytes` payload bytes, completing outbox row `id`.
+    fn org_event(org: &str, bytes: usize, id: i64) -> Outgoing {
+        let payload = format!("\"{}\"", "x".repeat(bytes - 2));
+        Outgoing {
+            org: Some(org.into()),
+            live: None,
+            rooms: vec![crate::rooms::org(org)],
+            event: "alert:triggered".into(),
+            payload: RawValue::from_string(payload).unwrap(),
+            done: vec![Leased::Event(id)],
+        }
+    }
+
+    fn live(org: &str, site: &str, unit: &str) -> Outgoing {
+        Outgoing {
+            org: None,
+            live: Some(LiveTarget {
+                org: org.into(),
+                site: site.into(),
+                unit: unit.into(),
+            }),
+            rooms: vec![crate::rooms::unit(org, unit)],
+            event: "sensor:reading".into(),
+            payload: RawValue::from_string(format!("\"{unit}\"")).unwrap(),
+            done: Vec::new(),
+        }
+    }
+
+    fn done_ids<'a>(events: impl IntoIterator<Item = &'a Outgoing>) -> Vec<Leased> {
+        events.into_iter().flat_map(|o| o.done.clone()).collect()
+    }
+
+    fn reported(rx: &mut mpsc::UnboundedReceiver<Leased>) -> Vec<Leased> {
+        std::iter::from_fn(|| rx.try_recv().ok()).collect()
+    }
+
+    /// A `sync` command of `org`, told apart by `tag`; its reply channel is dropped.
+    fn sync(org: &str, tag: u64) -> Command {
+        Command::Sync {
+            org: org.into(),
+            membership: Vec::new(),
+            after: Some(Offset { ms: tag, seq: 0 }),
+            reply: oneshot::channel().0,
+        }
+    }
+
+    fn tag(command: &Command) -> (&str, u64) {
+        match command {
+            Command::Sync {
+                org,
+                after: Some(o),
+                ..
+            } => (org, o.ms),
+            _ => unreachable!(),
+        }
+    }
+
+    fn at(ms: u64) -> Offset {
+        Offset { ms, seq: 0 }
+    }
+
+    #[test]
+    fn the_outage_backlog_keeps_every_event_within_its_budget_in_order() {
+        let (sent, mut reports) = mpsc::unbounded_channel();
+        let mut backlog = Backlog::new(30);
+        backlog.push(vec![org_event("a", 10, 1), org_event("b", 10, 2)], &sent);
+        backlog.push(vec![org_event("a", 10, 3)], &sent);
+        assert_eq!(
+            done_ids(&backlog.events),
+            [Leased::Event(1), Leased::Event(2), Leased::Event(3)]
+        );
+        assert_eq!(backlog.bytes, 30);
+        assert!(backlog.lost.is_empty());
+        assert!(reported(&mut reports).is_empty(), "not out yet: rows kept");
+    }
+
+    #[test]
+    fn an_overflowing_backlog_drops_its_oldest_and_remembers_whose() {
+        let (sent, mut reports) = mpsc::unbounded_channel();
+        let mut backlog = Backlog::new(25);
+        backlog.push(
+            vec![
+                org_event("a", 10, 1),
+                org_event("b", 10, 2),
+                org_event("c", 10, 3),
+            ],
+            &sent,
+        );
+        assert_eq!(
+            done_ids(&backlog.events),
+            [Leased::Event(2), Leased::Event(3)]
+        );
+        assert_eq!(backlog.bytes, 20);
+        assert_eq!(backlog.lost, ["a".to_string()].into());
+        // Its own sockets had it: its stored row can go.
+        assert_eq!(reported(&mut reports), [Leased::Event(1)]);
+    }
+
+    #[test]
+    fn an_event_over_the_whole_budget_is_dropped_itself() {
+        let (sent, mut reports) = mpsc::unbounded_channel();
+        let mut backlog = Backlog::new(25);
+        backlog.push(vec![org_event("a", 10, 1), org_event("b", 40, 2)], &sent);
+        assert!(backlog.events.is_empty());
+        assert_eq!(backlog.bytes, 0);
+        assert_eq!(backlog.lost, ["a".to_string(), "b".to_string()].into());
+        assert_eq!(reported(&mut reports), [Leased::Event(1), Leased::Event(2)]);
+    }
+
+    #[test]
+    fn organisations_that_lost_events_keep_the_backlog_busy_until_told_to_refetch() {
+        let (sent, _reports) = mpsc::unbounded_channel();
+        let mut backlog = Backlog::new(5);
+        assert!(backlog.is_empty());
+        backlog.push(vec![org_event("b", 10, 1), org_event("a", 10, 2)], &sent);
+        assert!(backlog.events.is_empty());
+        assert!(!backlog.is_empty(), "the flush still owes them a word");
+        let resyncs: Vec<(Option<String>, Vec<String>, String, String)> = backlog
+            .resyncs()
+            .into_iter()
+            .map(|o| (o.org, o.rooms, o.event.into(), o.payload.get().to_string()))
+            .collect();
+        let word = r#"{"recovered":false}"#.to_string();
+        assert_eq!(
+            resyncs,
+            [
+                (
+                    Some("a".into()),
+                    vec![crate::rooms::org("a")],
+                    "sync:complete".into(),
+                    word.clone()
+                ),
+                (
+                    Some("b".into()),
+                    vec![crate::rooms::org("b")],
+                    "sync:complete".into(),
+                    word
+                ),
+            ]
+        );
+    }
+
+    #[test]
+    fn one_append_takes_at_most_append_max_queued_events() {
+        let (tx, mut rx) = mpsc::channel(APPEND_MAX * 2);
+        for i in 1..APPEND_MAX as i64 + 10 {
+            let out = if i % 3 == 0 {
+                live("o", "s", "u")
+            } else {
+                org_event("o", 4, i)
+            };
+            tx.try_send(out).unwrap();
+        }
+        let mut queued = Vec::new();
+        let (orgs, lives) = gather(&mut queued, org_event("o", 4, 0), &mut rx);
+        assert_eq!(orgs.len() + lives.len(), APPEND_MAX);
+        assert!(orgs.iter().all(|o| o.org.is_some()) && lives.iter().all(|o| o.live.is_some()));
+        let ids = done_ids(&orgs);
+        assert_eq!(
+            ids[..3],
+            [Leased::Event(0), Leased::Event(1), Leased::Event(2)]
+        );
+        assert!(
+            ids.windows(2).all(|w| match w {
+                [Leased::Event(a), Leased::Event(b)] => a < b,
+                _ => false,
+            }),
+            "organisation events keep their order"
+        );
+        assert!(queued.is_empty());
+        // What did not fit waits for the next round, in order.
+        let next = rx.try_recv().unwrap();
+        assert_eq!(next.done, vec![Leased::Event(APPEND_MAX as i64)]);
+    }
+
+    #[test]
+    fn live_readings_are_published_once_per_site_in_order() {
+        let mut no_target = live("o", "s1", "x");
+        no_target.live = None;
+        let live = [
+            live("o", "s1", "u1"),
+            live("o", "s2", "u2"),
+            no_target,
+            live("p", "s1", "u3"),
+            live("o", "s1", "u4"),
+        ];
+        // One line per message: "org/site: unit=payload ...".
+        let grouped: Vec<String> = by_site(&live)
+            .into_iter()
+            .map(|(org, site, readings)| {
+                let r: Vec<String> = readings
+                    .iter()
+                    .map(|(u, p)| format!("{u}={}", p.get()))
+                    .collect();
+                format!("{org}/{site}: {}", r.join(" "))
+            })
+            .collect();
+        assert_eq!(
+            grouped,
+            [
+                r#"o/s1: u1="u1" u4="u4""#,
+                r#"o/s2: u2="u2""#,
+                r#"p/s1: u3="u3""#,
+            ]
+        );
+    }
+
+    #[test]
+    fn a_replay_waits_for_its_organisations_start_then_goes_up_to_it() {
+        let mut delivered = Delivered::default();
+        assert!(delivered.replay(sync("a", 1)).is_none());
+        assert!(delivered.replay(sync("a", 2)).is_none());
+        assert!(delivered.replay(sync("b", 3)).is_none());
+        let released = delivered.started("a".into(), at(50));
+        assert_eq!(
+            released.iter().map(tag).collect::<Vec<_>>(),
+            [("a", 1), ("a", 2)]
+        );
+        // Another organisation's replays still wait for theirs.
+        assert!(delivered.started("c".into(), at(60)).is_empty());
+        let (command, upto) = delivered.replay(sync("a", 4)).unwrap();
+        assert_eq!((tag(&command), upto), (("a", 4), at(50)));
+    }
+
+    #[test]
+    fn a_replay_goes_up_to_the_event_last_delivered() {
+        let mut delivered = Delivered::default();
+        delivered.started("a".into(), at(50));
+        delivered.delivered("a".into(), at(70));
+        assert_eq!(delivered.replay(sync("a", 1)).unwrap().1, at(70));
+    }
+
+    #[test]
+    fn when_a_stream_is_gone_its_held_replays_are_answered_and_new_ones_wait() {
+        let mut delivered = Delivered::default();
+        delivered.replay(sync("a", 1));
+        delivered.started("b".into(), at(10));
+        assert_eq!(
+            delivered.gone("a").iter().map(tag).collect::<Vec<_>>(),
+            [("a", 1)]
+        );
+        assert!(delivered.gone("a").is_empty(), "answered once");
+        delivered.gone("b");
+        assert!(
+            delivered.replay(sync("b", 2)).is_none(),
+            "no position to replay up to: it waits for a new start"
+        );
+        assert_eq!(
+            delivered
+                .started("b".into(), at(20))
+                .iter()
+                .map(tag)
+                .collect::<Vec<_>>(),
+            [("b", 2)]
+        );
+    }
+
+    #[test]
+    fn shutdown_waits_until_each_followed_organisation_delivered_its_last_event() {
+        let mut delivered = Delivered::default();
+        delivered.started("a".into(), at(10));
+        let last: HashMap<String, Offset> = [
+            ("a".to_string(), at(20)),
+            ("not-followed".to_string(), at(99)),
+        ]
+        .into();
+        assert!(!delivered.reached(&last));
+        delivered.delivered("a".into(), at(20));
+        assert!(delivered.reached(&last));
+        delivered.delivered("a".into(), at(30));
+        assert!(delivered.reached(&last));
+        assert!(Delivered::default().reached(&HashMap::new()));
     }
 }

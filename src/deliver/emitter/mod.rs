@@ -175,27 +175,32 @@ async fn broadcast<A: Adapter>(
     let Err(e) = result else {
         return false;
     };
-    // A full socket queue: for organisation events `deliver` has caught the socket up already;
-    // a live `sensor:reading` it missed is in its unit's batch. The slow-consumer sweep is not
-    // woken for it: its probes, run while the emitter broadcasts, hold slots of nearly full
-    // queues and made broadcasts fail for sockets the emitter had just found free. Its periodic
-    // look still closes a socket full for the grace. Anything else is worth a line.
-    match &e {
-        BroadcastError::Socket(errors) => {
-            if !errors
-                .iter()
-                .all(|e| matches!(e, SocketError::InternalChannelFull))
-            {
-                tracing::warn!(event, error = %e, "broadcast did not reach every socket");
-            }
+    let (full, worth_a_line) = judge(&e);
+    if worth_a_line {
+        tracing::warn!(event, error = %e, "broadcast did not reach every socket");
+    }
+    full
+}
+
+/// What a failed broadcast means: whether some socket's queue was full (so it did not get the
+/// event), and whether anything else went wrong (worth a line). Apart so it can be tested.
+///
+/// A full socket queue: for organisation events `deliver` has caught the socket up already; a
+/// live `sensor:reading` it missed is in its unit's batch. The slow-consumer sweep is not woken
+/// for it: its probes, run while the emitter broadcasts, hold slots of nearly full queues and
+/// made broadcasts fail for sockets the emitter had just found free. Its periodic look still
+/// closes a socket full for the grace. Anything else is worth a line.
+fn judge(e: &BroadcastError) -> (bool, bool) {
+    match e {
+        BroadcastError::Socket(errors) => (
             errors
                 .iter()
-                .any(|e| matches!(e, SocketError::InternalChannelFull))
-        }
-        _ => {
-            tracing::warn!(event, error = %e, "broadcast did not reach every socket");
-            false
-        }
+                .any(|e| matches!(e, SocketError::InternalChannelFull)),
+            !errors
+                .iter()
+                .all(|e| matches!(e, SocketError::InternalChannelFull)),
+        ),
+        _ => (false, true),
     }
 }
 
@@ -258,5 +263,83 @@ async fn deliver<A, F, Fut>(
             cause: Cause::Behind(std::time::Instant::now()),
         };
         handle(io, command, requeue, &mut replay).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use socketioxide::AdapterError;
+
+    fn event(id: i64) -> Outgoing {
+        Outgoing {
+            org: Some("org".into()),
+            live: None,
+            rooms: vec![crate::rooms::org("org")],
+            event: "alert:triggered".into(),
+            payload: RawValue::from_string("{}".into()).unwrap(),
+            done: vec![Leased::Event(id)],
+        }
+    }
+
+    fn id(out: Option<Outgoing>) -> Option<Leased> {
+        out.map(|o| o.done[0])
+    }
+
+    #[tokio::test]
+    async fn after_stop_only_what_was_queued_goes_out() {
+        let (tx, mut rx) = mpsc::channel(8);
+        let (fire, stop) = oneshot::channel();
+        let mut stop = Some(stop);
+        tx.send(event(1)).await.unwrap();
+        assert_eq!(
+            id(next_outgoing(&mut rx, &mut stop).await),
+            Some(Leased::Event(1))
+        );
+        tx.send(event(2)).await.unwrap();
+        tx.send(event(3)).await.unwrap();
+        fire.send(()).unwrap();
+        assert_eq!(
+            id(next_outgoing(&mut rx, &mut stop).await),
+            Some(Leased::Event(2))
+        );
+        assert_eq!(
+            id(next_outgoing(&mut rx, &mut stop).await),
+            Some(Leased::Event(3))
+        );
+        // `tx` is alive (request handlers hold one until the server is gone): no waiting for it.
+        assert!(next_outgoing(&mut rx, &mut stop).await.is_none());
+        assert!(tx.try_send(event(4)).is_err(), "new events are refused");
+    }
+
+    #[tokio::test]
+    async fn before_stop_the_emitter_waits_for_events() {
+        let (tx, mut rx) = mpsc::channel(8);
+        let (_fire, stop) = oneshot::channel::<()>();
+        let mut stop = Some(stop);
+        let next = next_outgoing(&mut rx, &mut stop);
+        tokio::pin!(next);
+        assert!(futures_util::poll!(next.as_mut()).is_pending());
+        tx.send(event(1)).await.unwrap();
+        assert_eq!(id(next.await), Some(Leased::Event(1)));
+    }
+
+    #[test]
+    fn only_a_full_queue_counts_as_missed_and_anything_else_is_worth_a_line() {
+        use SocketError::{Closed, InternalChannelFull as Full};
+        let adapter = BroadcastError::from(AdapterError::from(Box::new(std::io::Error::other(
+            "redis away",
+        ))
+            as Box<dyn std::error::Error + Send>));
+        // (error, some queue full, worth a line)
+        let cases = [
+            (BroadcastError::Socket(vec![Full, Full]), true, false),
+            (BroadcastError::Socket(vec![Closed, Full]), true, true),
+            (BroadcastError::Socket(vec![Closed]), false, true),
+            (adapter, false, true),
+        ];
+        for (error, full, worth_a_line) in cases {
+            assert_eq!(judge(&error), (full, worth_a_line), "{error:?}");
+        }
     }
 }

@@ -159,24 +159,14 @@ pub(super) async fn handle<A, F, Fut>(
                             }
                         }
                     }
-                    match cause {
-                        Cause::Reconnect => Some(SyncComplete {
-                            recovered: true,
-                            offset: Some(head.to_string()),
-                        }),
-                        // Caught up: back to live delivery, silently.
-                        Cause::Behind(_) => None,
-                    }
+                    completion(cause, Some(head))
                 }
                 Replay::Lost => {
                     match cause {
                         Cause::Reconnect => crate::observe::replay(false, 0),
                         Cause::Behind(_) => crate::observe::resync("behind_retention"),
                     }
-                    Some(SyncComplete {
-                        recovered: false,
-                        offset: None,
-                    })
+                    completion(cause, None)
                 }
             };
             // Joining and telling happen here, between two events, so the client refetches
@@ -200,25 +190,121 @@ pub(super) async fn handle<A, F, Fut>(
             drop(turn);
         }
         Command::Sync { reply, .. } => {
-            let ack = match outcome {
-                Replay::Recovered { events, head } => SyncAck {
-                    recovered: true,
-                    events: events
-                        .iter()
-                        .map(|e| MissedEvent {
-                            event: e.event.to_string(),
-                            data: serde_json::from_str(e.payload.get()).unwrap_or_default(),
-                        })
-                        .collect(),
-                    offset: Some(head.to_string()),
-                },
-                Replay::Lost => SyncAck {
-                    recovered: false,
-                    events: Vec::new(),
-                    offset: None,
-                },
-            };
-            reply.send(ack).ok();
+            reply.send(ack(outcome)).ok();
         }
+    }
+}
+
+/// The `sync:complete` that ends a socket's replay, once every missed event is sent:
+/// `recovered_up_to` is the log's head when the replay reached back far enough, `None` when the
+/// log no longer holds where the socket stood (it refetches).
+pub(super) fn completion(cause: Cause, recovered_up_to: Option<Offset>) -> Option<SyncComplete> {
+    match (recovered_up_to, cause) {
+        (Some(head), Cause::Reconnect) => Some(SyncComplete {
+            recovered: true,
+            offset: Some(head.to_string()),
+        }),
+        // Caught up: back to live delivery, silently.
+        (Some(_), Cause::Behind(_)) => None,
+        (None, _) => Some(SyncComplete {
+            recovered: false,
+            offset: None,
+        }),
+    }
+}
+
+/// The answer to a `sync` event: the missed events themselves, or word to refetch.
+pub(super) fn ack(outcome: Replay) -> SyncAck {
+    match outcome {
+        Replay::Recovered { events, head } => SyncAck {
+            recovered: true,
+            events: events
+                .iter()
+                .map(|e| MissedEvent {
+                    event: e.event.to_string(),
+                    data: serde_json::from_str(e.payload.get()).unwrap_or_default(),
+                })
+                .collect(),
+            offset: Some(head.to_string()),
+        },
+        Replay::Lost => SyncAck {
+            recovered: false,
+            events: Vec::new(),
+            offset: None,
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const HEAD: Offset = Offset { ms: 1_700, seq: 2 };
+
+    fn entry(event: &'static str, payload: &str, ms: u64) -> Arc<Entry> {
+        Arc::new(Entry {
+            offset: Offset { ms, seq: 0 },
+            event: event.into(),
+            rooms: Vec::new(),
+            payload: RawValue::from_string(payload.into()).unwrap(),
+        })
+    }
+
+    #[test]
+    fn sync_complete_ends_a_reconnect_always_and_a_catch_up_only_when_it_failed() {
+        let behind = Cause::Behind(std::time::Instant::now());
+        let recovered = Some(SyncComplete {
+            recovered: true,
+            offset: Some("1700-2".into()),
+        });
+        let refetch = Some(SyncComplete {
+            recovered: false,
+            offset: None,
+        });
+        let cases = [
+            (Cause::Reconnect, Some(HEAD), recovered),
+            (Cause::Reconnect, None, refetch.clone()),
+            // Caught up from the log: back to live delivery without a word.
+            (behind, Some(HEAD), None),
+            // The log no longer reaches back to where it fell behind.
+            (behind, None, refetch),
+        ];
+        for (cause, head, expected) in cases {
+            assert_eq!(completion(cause, head), expected, "{cause:?} {head:?}");
+        }
+    }
+
+    #[test]
+    fn a_sync_ack_carries_the_missed_events_in_order_and_the_head() {
+        let events = vec![
+            entry("alert:triggered", r#"{"offset":"1-0","alertId":"x"}"#, 1),
+            entry("unit:status", r#"{"offset":"2-0"}"#, 2),
+        ];
+        let got = ack(Replay::Recovered { events, head: HEAD });
+        assert!(got.recovered);
+        assert_eq!(got.offset.as_deref(), Some("1700-2"));
+        let missed: Vec<(&str, serde_json::Value)> = got
+            .events
+            .iter()
+            .map(|e| (e.event.as_str(), e.data.clone()))
+            .collect();
+        assert_eq!(
+            missed,
+            [
+                (
+                    "alert:triggered",
+                    serde_json::json!({"offset": "1-0", "alertId": "x"})
+                ),
+                ("unit:status", serde_json::json!({"offset": "2-0"})),
+            ]
+        );
+    }
+
+    #[test]
+    fn a_sync_ack_past_the_log_says_refetch_with_nothing_else() {
+        let got = ack(Replay::Lost);
+        assert!(!got.recovered);
+        assert!(got.events.is_empty());
+        assert_eq!(got.offset, None);
     }
 }

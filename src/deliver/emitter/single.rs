@@ -69,3 +69,123 @@ pub(super) async fn run_single<A: Adapter>(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const RETENTION: Retention = Retention {
+        window: Duration::from_secs(60),
+        max_bytes: 1 << 20,
+        max_events: None,
+    };
+
+    /// An organisation event completing outbox row `id`, or (`id` 0) a live reading.
+    fn event(id: i64, payload: &str) -> Outgoing {
+        Outgoing {
+            org: (id != 0).then(|| "org".into()),
+            live: None,
+            rooms: vec![crate::rooms::org("org")],
+            event: if id != 0 {
+                "alert:triggered".into()
+            } else {
+                "sensor:reading".into()
+            },
+            payload: RawValue::from_string(payload.into()).unwrap(),
+            done: if id != 0 {
+                vec![Leased::Event(id)]
+            } else {
+                Vec::new()
+            },
+        }
+    }
+
+    /// A Socket.IO server with no connection: broadcasts reach no one, and succeed.
+    fn io() -> SocketIo {
+        let (_svc, io) = SocketIo::new_svc();
+        io.ns("/", async || {});
+        io
+    }
+
+    async fn sync(commands: &mpsc::Sender<Command>, after: Offset) -> SyncAck {
+        let (reply, answer) = oneshot::channel();
+        let membership = vec![crate::rooms::org("org")];
+        let after = Some(after);
+        let org = "org".into();
+        let command = Command::Sync {
+            org,
+            membership,
+            after,
+            reply,
+        };
+        commands.send(command).await.unwrap();
+        answer.await.unwrap()
+    }
+
+    #[tokio::test]
+    async fn one_node_logs_organisation_events_reports_them_sent_and_replays_them() {
+        let io = io();
+        let (outbox, outgoing) = mpsc::channel(8);
+        let (requeue, commands) = mpsc::channel(8);
+        let (sent, mut reports) = mpsc::unbounded_channel();
+        let (stop, stopped) = oneshot::channel();
+        let emitter = tokio::spawn(run_single(
+            io,
+            outgoing,
+            (requeue.clone(), commands),
+            RETENTION,
+            sent,
+            stopped,
+        ));
+        let before = now_ms();
+        outbox.send(event(1, r#"{"n":1}"#)).await.ok();
+        assert_eq!(reports.recv().await, Some(Leased::Event(1)));
+        let after = now_ms();
+        outbox.send(event(0, r#"{"live":true}"#)).await.ok();
+        outbox.send(event(2, r#"{"n":2}"#)).await.ok();
+        assert_eq!(reports.recv().await, Some(Leased::Event(2)));
+        // The first event's offset is the millisecond it was logged at, first of it: the replay
+        // after exactly that one offset is recovered.
+        let mut recovered = Vec::new();
+        for ms in before..=after {
+            let ack = sync(&requeue, Offset { ms, seq: 0 }).await;
+            if ack.recovered {
+                recovered.push(ack);
+            }
+        }
+        assert_eq!(recovered.len(), 1);
+        let ack = &recovered[0];
+        let head = ack.offset.clone().unwrap();
+        // Only the second event: the live reading is not logged; each is stamped with its
+        // offset, the newest being the head.
+        assert_eq!(ack.events.len(), 1);
+        assert_eq!(ack.events[0].event, "alert:triggered");
+        assert_eq!(
+            ack.events[0].data,
+            serde_json::json!({"offset": head, "n": 2})
+        );
+        stop.send(()).ok();
+        emitter.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn on_stop_one_node_sends_what_was_queued_then_ends() {
+        let io = io();
+        let (outbox, outgoing) = mpsc::channel(8);
+        let (requeue, commands) = mpsc::channel(8);
+        let (sent, mut reports) = mpsc::unbounded_channel();
+        let (stop, stopped) = oneshot::channel();
+        for id in 1..=3 {
+            outbox.send(event(id, "{}")).await.ok();
+        }
+        stop.send(()).ok();
+        let emitter = run_single(io, outgoing, (requeue, commands), RETENTION, sent, stopped);
+        // Ends although `outbox` is still held (as request handlers hold theirs).
+        tokio::time::timeout(Duration::from_secs(5), emitter)
+            .await
+            .expect("the emitter ends once the queue is empty");
+        let out: Vec<Leased> = std::iter::from_fn(|| reports.try_recv().ok()).collect();
+        assert_eq!(out, [Leased::Event(1), Leased::Event(2), Leased::Event(3)]);
+        assert!(outbox.try_send(event(4, "{}")).is_err());
+    }
+}
