@@ -21,6 +21,8 @@ use fred::prelude::{ClientLike, Config as FredConfig};
 use fred::types::config::{ReconnectPolicy, UnresponsiveConfig};
 use fred::types::{Builder, RespVersion};
 
+use crate::tasks::{Role, Tasks};
+
 pub use socketioxide_redis::FredAdapter;
 
 /// Pub/sub messages fred buffers for a consumer that is momentarily behind.
@@ -140,10 +142,17 @@ pub struct Cluster {
 pub type Adapter = RedisAdapterCtr<socketioxide_redis::drivers::fred::FredDriver>;
 
 /// Connects the adapter's subscriber client and the node's other Redis clients.
-pub async fn connect(url: &str) -> anyhow::Result<(Adapter, Cluster)> {
+/// Its tasks (the health watch, one resubscriber per subscriber client) are essential tasks of
+/// `tasks`: without them a Redis restart would silently end cross-node delivery.
+pub async fn connect(url: &str, tasks: &Tasks) -> anyhow::Result<(Adapter, Cluster)> {
     let health = RedisHealth::default();
     let subscriber = builder(url)?.build_subscriber_client()?;
-    resubscribe_on_reconnect(subscriber.clone(), health.clone());
+    resubscribe_on_reconnect(
+        "redis resubscribe (adapter)",
+        subscriber.clone(),
+        health.clone(),
+        tasks,
+    );
     let adapter = RedisAdapterCtr::new_with_fred_config(
         subscriber,
         RedisAdapterConfig::new().with_stream_buffer(STREAM_BUFFER),
@@ -153,13 +162,27 @@ pub async fn connect(url: &str) -> anyhow::Result<(Adapter, Cluster)> {
     client.init().await?;
     let subscriber = builder(url)?.build_subscriber_client()?;
     subscriber.init().await?;
-    resubscribe_on_reconnect(subscriber.clone(), health.clone());
+    resubscribe_on_reconnect(
+        "redis resubscribe (ws relay)",
+        subscriber.clone(),
+        health.clone(),
+        tasks,
+    );
     let feed = builder(url)?.build_subscriber_client()?;
     feed.init().await?;
-    resubscribe_on_reconnect(feed.clone(), health.clone());
+    resubscribe_on_reconnect(
+        "redis resubscribe (feed)",
+        feed.clone(),
+        health.clone(),
+        tasks,
+    );
     health.up.store(true, Ordering::Relaxed);
     watch_relay_panics(health.clone());
-    tokio::spawn(watch(client.clone(), health.clone()));
+    let _ = tasks.spawn_until_stopped(
+        "redis watch",
+        Role::Essential,
+        watch(client.clone(), health.clone()),
+    );
     let cluster = Cluster {
         health,
         client,
@@ -171,10 +194,15 @@ pub async fn connect(url: &str) -> anyhow::Result<(Adapter, Cluster)> {
 
 /// After every reconnect, subscribes again to each tracked channel, pattern and shard channel —
 /// skipping empty kinds — retrying until it succeeds; the node is unready meanwhile.
-fn resubscribe_on_reconnect(client: fred::clients::SubscriberClient, health: RedisHealth) {
+fn resubscribe_on_reconnect(
+    name: &'static str,
+    client: fred::clients::SubscriberClient,
+    health: RedisHealth,
+    tasks: &Tasks,
+) {
     use fred::interfaces::{EventInterface, PubsubInterface};
     let mut reconnects = client.reconnect_rx();
-    tokio::spawn(async move {
+    let _ = tasks.spawn_until_stopped(name, Role::Essential, async move {
         // Subscribing again to what is already subscribed is harmless, so every (re)connect
         // notification is handled alike, the first included.
         while reconnects.recv().await.is_ok() {

@@ -24,6 +24,7 @@ use socketioxide::adapter::Adapter;
 use socketioxide::socket::Sid;
 use socketioxide::{BroadcastError, SendError, SocketError, SocketIo};
 use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
 
 use crate::cluster::RedisHealth;
 use crate::deliver::feed::{Fed, Feed, LiveMessage};
@@ -106,7 +107,7 @@ pub struct ClusterLog {
     pub follows: mpsc::UnboundedReceiver<crate::deliver::feed::Op>,
 }
 
-/// Runs until `stop` fires (after the pipeline stages have ended): then it refuses new events,
+/// Runs until `stop` is cancelled (after the pipeline stages have ended): then it refuses new events,
 /// sends what is already queued, and ends — it cannot wait for every sender to go, since
 /// request handlers hold one until the server itself is gone.
 pub async fn run<A: Adapter>(
@@ -116,7 +117,7 @@ pub async fn run<A: Adapter>(
     cluster: Option<ClusterLog>,
     retention: Retention,
     sent: Sent,
-    stop: oneshot::Receiver<()>,
+    stop: CancellationToken,
 ) {
     match cluster {
         None => run_single(io, outgoing, commands, retention, sent, stop).await,
@@ -132,16 +133,16 @@ pub type Sent = mpsc::UnboundedSender<Leased>;
 /// The next event from the outbox; after `stop`, only what was already queued.
 async fn next_outgoing(
     rx: &mut mpsc::Receiver<Outgoing>,
-    stop: &mut Option<oneshot::Receiver<()>>,
+    stop: &mut Option<CancellationToken>,
 ) -> Option<Outgoing> {
     loop {
-        let Some(signal) = stop.as_mut() else {
+        let Some(signal) = stop.clone() else {
             return rx.recv().await;
         };
         tokio::select! {
             biased;
             out = rx.recv() => return out,
-            _ = signal => {
+            _ = signal.cancelled() => {
                 rx.close();
                 *stop = None;
             }

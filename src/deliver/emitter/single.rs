@@ -8,7 +8,7 @@ pub(super) async fn run_single<A: Adapter>(
     (requeue, mut commands): (mpsc::Sender<Command>, mpsc::Receiver<Command>),
     retention: Retention,
     sent: Sent,
-    stop: oneshot::Receiver<()>,
+    stop: CancellationToken,
 ) {
     let mut stop = Some(stop);
     let mut history = History::new(
