@@ -136,6 +136,27 @@ pub struct Cluster {
     pub subscriber: fred::clients::SubscriberClient,
     /// The emitter's feed: the channels of the organisations and sites this node follows.
     pub feed: fred::clients::SubscriberClient,
+    /// All of the above and the adapter's, for closing them at the end of a shutdown.
+    pub connections: Connections,
+}
+
+/// The node's Redis clients. fred runs a task per client that reconnects for ever (as
+/// configured above) until the client is told to quit, so a shutdown ends with [`Self::quit`],
+/// once nothing uses them; without it each node would leave its connections behind.
+#[derive(Clone)]
+pub struct Connections {
+    client: fred::clients::Client,
+    subscribers: Vec<fred::clients::SubscriberClient>,
+}
+
+impl Connections {
+    pub async fn quit(&self) {
+        use fred::interfaces::ClientLike as _;
+        for subscriber in &self.subscribers {
+            subscriber.quit().await.ok();
+        }
+        self.client.quit().await.ok();
+    }
 }
 
 /// The Socket.io adapter over Redis.
@@ -153,6 +174,7 @@ pub async fn connect(url: &str, tasks: &Tasks) -> anyhow::Result<(Adapter, Clust
         health.clone(),
         tasks,
     );
+    let adapter_subscriber = subscriber.clone();
     let adapter = RedisAdapterCtr::new_with_fred_config(
         subscriber,
         RedisAdapterConfig::new().with_stream_buffer(STREAM_BUFFER),
@@ -183,11 +205,16 @@ pub async fn connect(url: &str, tasks: &Tasks) -> anyhow::Result<(Adapter, Clust
         Role::Essential,
         watch(client.clone(), health.clone()),
     );
+    let connections = Connections {
+        client: client.clone(),
+        subscribers: vec![adapter_subscriber, subscriber.clone(), feed.clone()],
+    };
     let cluster = Cluster {
         health,
         client,
         subscriber,
         feed,
+        connections,
     };
     Ok((adapter, cluster))
 }

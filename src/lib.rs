@@ -238,6 +238,7 @@ async fn serve<A: Adapter>(
         max_bytes: l.recovery_max_bytes,
         max_events: (l.recovery_max_events > 0).then_some(l.recovery_max_events),
     };
+    let connections = cluster.as_ref().map(|c| c.connections.clone());
     let (redis, redis_clients, cluster_log) = match cluster.zip(follow_ops) {
         Some((c, follows)) => {
             let log = deliver::emitter::ClusterLog {
@@ -395,6 +396,9 @@ async fn serve<A: Adapter>(
     // Relay, advertiser, Redis watch and resubscribers, sweep, expiry — and anything the drain
     // did not get to (should it have panicked) — before storage, which the relay reads.
     tasks.stop_all().await;
+    if let Some(connections) = connections {
+        connections.quit().await;
+    }
     store.close().await;
     served?;
     if let Some(reason) = pipeline.reason() {

@@ -28,7 +28,8 @@
 //!    finish);
 //! 8. every other task — plain-WebSocket relay and advertiser, Redis watch and resubscribers,
 //!    slow-consumer sweep, token expiry — is stopped and joined ([`Tasks::stop_all`]);
-//! 9. storage is closed.
+//! 9. the Redis connections are closed (fred would keep reconnecting them otherwise), then
+//!    storage.
 //!
 //! A task is given [`Tasks::grace`] to end once told to; one that does not is aborted and
 //! reported (ERROR), so a stuck task cannot hold the process forever.

@@ -107,8 +107,8 @@ pub struct ClusterLog {
     pub follows: mpsc::UnboundedReceiver<crate::deliver::feed::Op>,
 }
 
-/// Runs until `stop` is cancelled (after the pipeline stages have ended): then it refuses new events,
-/// sends what is already queued, and ends — it cannot wait for every sender to go, since
+/// Runs until `stop` is cancelled (after the pipeline stages have ended): then it refuses new
+/// events, sends what is already queued, and ends — it cannot wait for every sender to go, since
 /// request handlers hold one until the server itself is gone.
 pub async fn run<A: Adapter>(
     io: SocketIo<A>,
