@@ -154,17 +154,23 @@ pub async fn run(
             tracing::info!("redis adapter ready: rooms and broadcasts span every node");
             type Fred = cluster::FredAdapter<socketioxide::adapter::Emitter>;
             let (layer, io) = builder.with_adapter::<Fred>(adapter).build_layer();
-            io.ns(
-                "/",
-                socketio::on_connect::<Fred>.with(socketio::authenticate::<Fred>),
-            )
-            .await
-            .context("REDIS_URL: registering the namespace with the adapter")?;
+            let registered = io
+                .ns(
+                    "/",
+                    socketio::on_connect::<Fred>.with(socketio::authenticate::<Fred>),
+                )
+                .await;
+            if let Err(e) = registered {
+                // Connected but not serving: the Redis tasks and clients end here.
+                tasks.stop_all().await;
+                cluster.connections.quit().await;
+                return Err(e).context("REDIS_URL: registering the namespace with the adapter");
+            }
             serve(parts, io, layer, Some(cluster), listener, shutdown).await
         }
     };
-    // `serve` has stopped everything already; this is for the ways out before it got to (Redis
-    // refusing the namespace, say), which would otherwise leave the Redis tasks running.
+    // `serve` has stopped everything already; this is a safety net for any other way out (and
+    // should `run` itself be dropped, the owner aborts what it still holds).
     tasks.stop_all().await;
     served
 }
