@@ -53,6 +53,8 @@ async fn run_once(database_url: &str, redis_url: Option<&str>) {
 /// Tasks of the runtime alive after `run` returned, compared with before it started.
 async fn tasks_left(database_url: &str, redis_url: Option<&str>) -> (usize, usize) {
     let metrics = tokio::runtime::Handle::current().metrics();
+    // The harness's own tasks (the pool that created the database) end first.
+    tokio::time::sleep(Duration::from_millis(300)).await;
     let before = metrics.num_alive_tasks();
     run_once(database_url, redis_url).await;
     // A task aborted or ended is counted out as soon as the runtime has released it.
@@ -76,7 +78,11 @@ async fn no_task_outlives_the_gateway() {
     }
     let db = TestDb::new(Engine::Sqlite).await;
     let (before, after) = tasks_left(&db.url, None).await;
-    assert_eq!(after, before, "tasks left running after `run` returned");
+    // At most: a task of the harness alive before (a database pool's) may have ended meanwhile.
+    assert!(
+        after <= before,
+        "tasks left running after `run` returned: {after} alive, {before} before"
+    );
     db.drop_db().await;
 }
 
@@ -95,6 +101,10 @@ async fn no_task_outlives_a_cluster_node() {
     }
     let db = TestDb::new(Engine::Postgres).await;
     let (before, after) = tasks_left(&db.url, Some(&redis)).await;
-    assert_eq!(after, before, "tasks left running after `run` returned");
+    // At most: a task of the harness alive before (a database pool's) may have ended meanwhile.
+    assert!(
+        after <= before,
+        "tasks left running after `run` returned: {after} alive, {before} before"
+    );
     db.drop_db().await;
 }
