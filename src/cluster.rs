@@ -21,6 +21,8 @@ use fred::prelude::{ClientLike, Config as FredConfig};
 use fred::types::config::{ReconnectPolicy, UnresponsiveConfig};
 use fred::types::{Builder, RespVersion};
 
+use crate::tasks::{Role, Tasks};
+
 pub use socketioxide_redis::FredAdapter;
 
 /// Pub/sub messages fred buffers for a consumer that is momentarily behind.
@@ -134,16 +136,45 @@ pub struct Cluster {
     pub subscriber: fred::clients::SubscriberClient,
     /// The emitter's feed: the channels of the organisations and sites this node follows.
     pub feed: fred::clients::SubscriberClient,
+    /// All of the above and the adapter's, for closing them at the end of a shutdown.
+    pub connections: Connections,
+}
+
+/// The node's Redis clients. fred runs a task per client that reconnects for ever (as
+/// configured above) until the client is told to quit, so a shutdown ends with [`Self::quit`],
+/// once nothing uses them; without it each node would leave its connections behind.
+#[derive(Clone)]
+pub struct Connections {
+    client: fred::clients::Client,
+    subscribers: Vec<fred::clients::SubscriberClient>,
+}
+
+impl Connections {
+    pub async fn quit(&self) {
+        use fred::interfaces::ClientLike as _;
+        for subscriber in &self.subscribers {
+            subscriber.quit().await.ok();
+        }
+        self.client.quit().await.ok();
+    }
 }
 
 /// The Socket.io adapter over Redis.
 pub type Adapter = RedisAdapterCtr<socketioxide_redis::drivers::fred::FredDriver>;
 
 /// Connects the adapter's subscriber client and the node's other Redis clients.
-pub async fn connect(url: &str) -> anyhow::Result<(Adapter, Cluster)> {
+/// Its tasks (the health watch, one resubscriber per subscriber client) are essential tasks of
+/// `tasks`: without them a Redis restart would silently end cross-node delivery.
+pub async fn connect(url: &str, tasks: &Tasks) -> anyhow::Result<(Adapter, Cluster)> {
     let health = RedisHealth::default();
     let subscriber = builder(url)?.build_subscriber_client()?;
-    resubscribe_on_reconnect(subscriber.clone(), health.clone());
+    resubscribe_on_reconnect(
+        "redis resubscribe (adapter)",
+        subscriber.clone(),
+        health.clone(),
+        tasks,
+    );
+    let adapter_subscriber = subscriber.clone();
     let adapter = RedisAdapterCtr::new_with_fred_config(
         subscriber,
         RedisAdapterConfig::new().with_stream_buffer(STREAM_BUFFER),
@@ -153,28 +184,52 @@ pub async fn connect(url: &str) -> anyhow::Result<(Adapter, Cluster)> {
     client.init().await?;
     let subscriber = builder(url)?.build_subscriber_client()?;
     subscriber.init().await?;
-    resubscribe_on_reconnect(subscriber.clone(), health.clone());
+    resubscribe_on_reconnect(
+        "redis resubscribe (ws relay)",
+        subscriber.clone(),
+        health.clone(),
+        tasks,
+    );
     let feed = builder(url)?.build_subscriber_client()?;
     feed.init().await?;
-    resubscribe_on_reconnect(feed.clone(), health.clone());
+    resubscribe_on_reconnect(
+        "redis resubscribe (feed)",
+        feed.clone(),
+        health.clone(),
+        tasks,
+    );
     health.up.store(true, Ordering::Relaxed);
     watch_relay_panics(health.clone());
-    tokio::spawn(watch(client.clone(), health.clone()));
+    let _ = tasks.spawn_until_stopped(
+        "redis watch",
+        Role::Essential,
+        watch(client.clone(), health.clone()),
+    );
+    let connections = Connections {
+        client: client.clone(),
+        subscribers: vec![adapter_subscriber, subscriber.clone(), feed.clone()],
+    };
     let cluster = Cluster {
         health,
         client,
         subscriber,
         feed,
+        connections,
     };
     Ok((adapter, cluster))
 }
 
 /// After every reconnect, subscribes again to each tracked channel, pattern and shard channel —
 /// skipping empty kinds — retrying until it succeeds; the node is unready meanwhile.
-fn resubscribe_on_reconnect(client: fred::clients::SubscriberClient, health: RedisHealth) {
+fn resubscribe_on_reconnect(
+    name: &'static str,
+    client: fred::clients::SubscriberClient,
+    health: RedisHealth,
+    tasks: &Tasks,
+) {
     use fred::interfaces::{EventInterface, PubsubInterface};
     let mut reconnects = client.reconnect_rx();
-    tokio::spawn(async move {
+    let _ = tasks.spawn_until_stopped(name, Role::Essential, async move {
         // Subscribing again to what is already subscribed is harmless, so every (re)connect
         // notification is handled alike, the first included.
         while reconnects.recv().await.is_ok() {

@@ -93,7 +93,9 @@ pub async fn run(
     let port = listener.local_addr()?.port();
     let simulator = tokio::spawn(simulate(format!("http://127.0.0.1:{port}"), key.key));
     let result = crate::run(config, listener, shutdown).await;
+    // The simulator is this function's own task: aborted and joined, so it ends with the gateway.
     simulator.abort();
+    simulator.await.ok();
     result
 }
 

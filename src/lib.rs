@@ -9,12 +9,12 @@
 pub mod config;
 pub mod fault;
 pub mod observe;
+pub mod tasks;
 pub mod wire;
 
 pub mod auth;
 pub mod cluster;
 pub mod net;
-pub mod pipeline;
 pub mod rate_limit;
 pub mod rooms;
 pub mod session;
@@ -47,7 +47,7 @@ use socketioxide::layer::SocketIoLayer;
 use std::time::Duration;
 
 use tokio::net::TcpListener;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::mpsc;
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
 use tower_http::trace::{DefaultOnResponse, TraceLayer};
 
@@ -125,7 +125,11 @@ pub async fn run(
         commands: commands.clone(),
     };
     let builder = socketio::builder(&config, ctx);
+    // Every long-lived task of the node, from the Redis watch started while connecting to the
+    // last pipeline stage, belongs to this owner; `serve` stops them in order (see `tasks`).
+    let tasks = tasks::Tasks::new(STOP_GRACE);
     let parts = Parts {
+        tasks: tasks.clone(),
         config,
         jwt,
         store,
@@ -134,7 +138,7 @@ pub async fn run(
         expiry,
         follow_ops,
     };
-    match parts.config.redis_url.clone() {
+    let served = match parts.config.redis_url.clone() {
         None => {
             let (layer, io) = builder.build_layer();
             io.ns(
@@ -144,25 +148,41 @@ pub async fn run(
             serve(parts, io, layer, None, listener, shutdown).await
         }
         Some(url) => {
-            let (adapter, cluster) = cluster::connect(&url)
+            let (adapter, cluster) = cluster::connect(&url, &tasks)
                 .await
                 .with_context(|| format!("REDIS_URL: cannot connect to {}", redact(&url)))?;
             tracing::info!("redis adapter ready: rooms and broadcasts span every node");
             type Fred = cluster::FredAdapter<socketioxide::adapter::Emitter>;
             let (layer, io) = builder.with_adapter::<Fred>(adapter).build_layer();
-            io.ns(
-                "/",
-                socketio::on_connect::<Fred>.with(socketio::authenticate::<Fred>),
-            )
-            .await
-            .context("REDIS_URL: registering the namespace with the adapter")?;
+            let registered = io
+                .ns(
+                    "/",
+                    socketio::on_connect::<Fred>.with(socketio::authenticate::<Fred>),
+                )
+                .await;
+            if let Err(e) = registered {
+                // Connected but not serving: the Redis tasks and clients end here.
+                tasks.stop_all().await;
+                cluster.connections.quit().await;
+                return Err(e).context("REDIS_URL: registering the namespace with the adapter");
+            }
             serve(parts, io, layer, Some(cluster), listener, shutdown).await
         }
-    }
+    };
+    // `serve` has stopped everything already; this is a safety net for any other way out (and
+    // should `run` itself be dropped, the owner aborts what it still holds).
+    tasks.stop_all().await;
+    served
 }
+
+/// How long a task may take to end once told to stop before it is aborted (see `tasks`): well
+/// above the emitter's and the webhook worker's own shutdown deadlines (3 s each), and within the
+/// 15 s a failed node has to exit in.
+const STOP_GRACE: Duration = Duration::from_secs(10);
 
 /// What `run` prepared before choosing the adapter.
 struct Parts {
+    tasks: tasks::Tasks,
     config: Arc<Config>,
     jwt: Arc<JwtVerifier>,
     store: Store,
@@ -180,6 +200,7 @@ struct Parts {
 /// Everything after the adapter is chosen: one code path for one node and for a cluster.
 async fn serve<A: Adapter>(
     Parts {
+        tasks,
         config,
         jwt,
         store,
@@ -196,17 +217,17 @@ async fn serve<A: Adapter>(
 ) -> anyhow::Result<()> {
     // The pipeline, upstream to downstream: ingest writer (stores readings, decides alerts and
     // status in the same commit) → fanout (live + batches) and monitor (announces the stored
-    // alert and status events, offline sweep) → outbox → emitter. Each stage is supervised.
+    // alert and status events, offline sweep) → outbox → emitter. Each stage is an essential
+    // task of `tasks`.
+    use tasks::Role::{Auxiliary, Essential};
     let l = &config.limits;
-    let pipeline = pipeline::Health::default();
+    let pipeline = tasks.health().clone();
     let units = Arc::new(store::unit_cache::Units::new(store.clone()));
     let (outbox, outgoing) = deliver::outbox::Outbox::new(64 * 1024);
     let (to_fanout, fanout_rx) = mpsc::channel(1024);
     let (to_monitor, monitor_rx) = mpsc::channel(1024);
     let announce = to_monitor.downgrade();
     let (sent, sent_rx) = mpsc::unbounded_channel();
-    let (stop, stopped) = watch::channel(false);
-    let mut sweep_stop = stopped.clone();
     let (ingest, writer) = ingest::Ingest::start(
         store.clone(),
         l.ingest_queue,
@@ -216,14 +237,14 @@ async fn serve<A: Adapter>(
             announce: to_monitor,
         },
         pipeline.clone(),
-        stopped,
     );
-    let writer = pipeline.spawn("ingest writer", writer);
+    let writer = tasks.spawn("ingest writer", Essential, |stop| writer.run(stop));
     let retention = deliver::emitter::Retention {
         window: Duration::from_secs(l.recovery_window_secs),
         max_bytes: l.recovery_max_bytes,
         max_events: (l.recovery_max_events > 0).then_some(l.recovery_max_events),
     };
+    let connections = cluster.as_ref().map(|c| c.connections.clone());
     let (redis, redis_clients, cluster_log) = match cluster.zip(follow_ops) {
         Some((c, follows)) => {
             let log = deliver::emitter::ClusterLog {
@@ -240,19 +261,12 @@ async fn serve<A: Adapter>(
         }
         None => (None, None, None),
     };
-    let (stop_emitter, emitter_stopped) = tokio::sync::oneshot::channel();
-    let emitter = pipeline.spawn(
-        "emitter",
-        deliver::emitter::run(
-            io.clone(),
-            outgoing,
-            commands,
-            cluster_log,
-            retention,
-            sent,
-            emitter_stopped,
-        ),
-    );
+    let emitter = {
+        let io = io.clone();
+        tasks.spawn("emitter", Essential, |stop| {
+            deliver::emitter::run(io, outgoing, commands, cluster_log, retention, sent, stop)
+        })
+    };
     let bus = deliver::relay::Bus::new(
         store.clone(),
         redis_clients
@@ -261,10 +275,11 @@ async fn serve<A: Adapter>(
             .map(|((c, _), health)| (c.clone(), health)),
     );
     if let Some((_, subscriber)) = redis_clients {
-        bus.relay(subscriber);
+        bus.relay(subscriber, &tasks);
     }
-    let fanout = pipeline.spawn(
-        "fanout",
+    // The fanout and the monitor have no stop of their own: they flush and end once the writer
+    // has ended (their inputs close), so their stop is only waited for.
+    let fanout = tasks.spawn("fanout", Essential, |_| {
         deliver::fanout::run(
             bus.clone(),
             fanout_rx,
@@ -272,42 +287,50 @@ async fn serve<A: Adapter>(
             config.flush_interval,
             l.batch_max_readings,
             ingest.buffered(),
-        ),
-    );
+        )
+    });
     let monitor = deliver::monitor::Monitor::new(
         store.clone(),
         outbox.clone(),
         bus.clone(),
         l.batch_max_readings,
     );
-    let monitor = pipeline.spawn(
-        "monitor",
+    let monitor = tasks.spawn("monitor", Essential, |_| {
         monitor.run(
             monitor_rx,
             sent_rx,
             Duration::from_millis(l.offline_sweep_ms),
-        ),
-    );
+        )
+    });
     // Webhook deliveries: stored with their events, sent by whichever node claims them.
-    let webhooks = pipeline.spawn(
-        "webhooks",
-        deliver::webhooks::Worker {
+    let webhooks = {
+        let worker = deliver::webhooks::Worker {
             store: store.clone(),
             allow_private: config.webhook_allow_private,
-        }
-        .run(sweep_stop.clone()),
-    );
-    let mut expiry_stop = sweep_stop.clone();
-    tokio::spawn(expiry.run(io.clone(), async move {
-        expiry_stop.wait_for(|s| *s).await.ok();
-    }));
-    tokio::spawn(deliver::slow::sweep(
-        io.clone(),
-        deliver::slow::SweepConfig::default(),
-        async move {
-            sweep_stop.wait_for(|s| *s).await.ok();
-        },
-    ));
+        };
+        tasks.spawn("webhooks", Essential, |stop| worker.run(stop))
+    };
+    // One task for every socket's token deadline (not one per socket): essential, since sockets
+    // whose token ran out would otherwise stay connected. Stopped with the other tasks, once
+    // every socket is closed.
+    {
+        let io = io.clone();
+        let _ = tasks.spawn("token expiry", Essential, |stop| {
+            expiry.run(io, stop.cancelled_owned())
+        });
+    }
+    // Slow consumers: without the sweep they are left to engine.io's heartbeat, so the node
+    // carries on, degraded (ERROR logged), should it fail.
+    {
+        let io = io.clone();
+        let _ = tasks.spawn("slow-consumer sweep", Auxiliary, |stop| {
+            deliver::slow::sweep(
+                io,
+                deliver::slow::SweepConfig::default(),
+                stop.cancelled_owned(),
+            )
+        });
+    }
 
     let state = http::AppState {
         config: config.clone(),
@@ -340,32 +363,29 @@ async fn serve<A: Adapter>(
         ))
         .layer(http::cors(&config.cors_origins));
 
-    // Shutdown — asked for, or because a pipeline stage failed — in pipeline order: the writer
-    // commits what already queued (later requests are refused with 503; none at all after a
-    // failure), the fanout flushes its batches, the monitor reports what the emitter sent, the
-    // emitter sends the rest; then every socket is closed cleanly — which also ends
-    // long-polling requests, so the HTTP server, which stopped accepting at the signal, can
-    // finish.
+    // Shutdown — asked for, or because an essential task failed — in the order `tasks`
+    // documents: the writer commits what already queued (later requests are refused with 503;
+    // none at all after a failure), the fanout flushes its batches, the monitor reports what the
+    // emitter sent, the webhook worker finishes its attempts, the emitter sends the rest; then
+    // every socket is closed cleanly — which also ends long-polling requests, so the HTTP
+    // server, told to finish only now so that polling clients still get the last events, can
+    // finish — and the remaining tasks are stopped.
     let (drained, on_drained) = tokio::sync::oneshot::channel::<()>();
     let closing_io = io.clone();
-    let supervisor = pipeline.clone();
+    let owner = tasks.clone();
     let drain = tokio::spawn(async move {
         tokio::select! {
             _ = shutdown => {}
-            _ = supervisor.wait_failed() => {}
+            _ = owner.health().wait_failed() => {}
         }
-        supervisor.stopping();
-        stop.send(true).ok();
-        for task in [writer, fanout, monitor, webhooks] {
-            task.await.ok();
-        }
-        stop_emitter.send(()).ok();
-        emitter.await.ok();
+        owner.stopping();
+        owner.stop([writer, fanout, monitor, webhooks]).await;
+        owner.stop([emitter]).await;
         closing_io.close().await;
         drained.send(()).ok();
     });
     // Connections that the slow-consumer sweep can end (see `deliver::slow` and `net`).
-    axum::serve(
+    let served = axum::serve(
         net::Listener::new(listener),
         app.into_make_service_with_connect_info::<net::Connection>(),
     )
@@ -373,11 +393,22 @@ async fn serve<A: Adapter>(
         on_drained.await.ok();
     })
     .await
-    .context("serving")?;
+    .context("serving");
+    if served.is_err() {
+        // Not drained (the server failed by itself): the tasks are stopped all the same.
+        drain.abort();
+    }
     drain.await.ok();
+    // Relay, advertiser, Redis watch and resubscribers, sweep, expiry — and anything the drain
+    // did not get to (should it have panicked) — before storage, which the relay reads.
+    tasks.stop_all().await;
+    if let Some(connections) = connections {
+        connections.quit().await;
+    }
     store.close().await;
+    served?;
     if let Some(reason) = pipeline.reason() {
-        anyhow::bail!("pipeline stage failed ({reason}); exiting so that the node is restarted");
+        anyhow::bail!("essential task failed ({reason}); exiting so that the node is restarted");
     }
     tracing::info!("stopped");
     Ok(())

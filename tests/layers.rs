@@ -11,8 +11,8 @@ use std::path::Path;
 /// Lowest first. Keep in step with the module list in `src/lib.rs`.
 const LAYERS: &[&[&str]] = &[
     &["wire"],
-    &["config", "fault", "observe"],
-    &["auth", "cluster", "net", "pipeline", "rate_limit"],
+    &["config", "fault", "observe", "tasks"],
+    &["auth", "cluster", "net", "rate_limit"],
     &["rooms"],
     &["session"],
     &["evaluate"],

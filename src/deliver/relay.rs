@@ -44,6 +44,7 @@ use fred::types::Expiration;
 
 use crate::cluster::RedisHealth;
 use crate::store::Store;
+use crate::tasks::{Role, Tasks};
 use crate::wire::{Alert, SensorReading};
 
 /// Envelopes of readings and alert changes between nodes.
@@ -302,11 +303,13 @@ impl Bus {
     }
 
     /// Relays what other nodes publish to this node's connections, and keeps this node's
-    /// advertised interest and its view of the other nodes' up to date.
-    pub fn relay(&self, subscriber: fred::clients::SubscriberClient) {
+    /// advertised interest and its view of the other nodes' up to date: two tasks of `tasks`,
+    /// essential (without them plain WebSocket clients silently miss other nodes' readings),
+    /// dropped at their stop.
+    pub fn relay(&self, subscriber: fred::clients::SubscriberClient, tasks: &Tasks) {
         let bus = self.clone();
         let mut messages = subscriber.message_rx();
-        tokio::spawn(async move {
+        let _ = tasks.spawn_until_stopped("ws relay", Role::Essential, async move {
             if let Err(e) = subscriber.subscribe(vec![CHANNEL, INTEREST_CHANNEL]).await {
                 tracing::warn!(error = %e, "plain WebSocket relay: subscribe failed; retried on reconnect");
             }
@@ -345,7 +348,11 @@ impl Bus {
             }
         });
         if self.inner.redis.is_some() {
-            tokio::spawn(self.clone().advertise());
+            let _ = tasks.spawn_until_stopped(
+                "ws advertise",
+                Role::Essential,
+                self.clone().advertise(),
+            );
         }
     }
 

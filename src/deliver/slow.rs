@@ -33,8 +33,8 @@
 //! Wiring (the one place that builds the server, `lib.rs`):
 //! - `axum::serve(net::Listener::new(listener), app.into_make_service_with_connect_info::<net::Connection>())`
 //!   instead of `axum::serve(listener, app)`;
-//! - `tokio::spawn(slow::sweep(io.clone(), SweepConfig::default(), stop))` next to the other
-//!   pipeline tasks, `stop` resolving at shutdown;
+//! - `slow::sweep(io.clone(), SweepConfig::default(), stop)` as a task of the node's task owner
+//!   (`tasks.rs`), next to the pipeline's, `stop` resolving at shutdown;
 //! - optional, in the emitter where a broadcast returns `Err(e)`: `slow::broadcast_failed(&e)`.
 //!   Without it, full queues are still found by the periodic sweep, up to `every` later.
 

@@ -29,8 +29,8 @@ use hmac::{Hmac, Mac};
 use serde::Serialize;
 use serde_json::value::RawValue;
 use sha2::Sha256;
-use tokio::sync::watch;
 use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
 
 use crate::store::{AttemptRecord, ClaimedDelivery, Store, now_ms};
 use crate::wire::format_time;
@@ -207,10 +207,10 @@ pub struct Worker {
 }
 
 impl Worker {
-    /// Runs until `stop` turns true, then gives the attempts in flight [`SHUTDOWN_GRACE`] to
+    /// Runs until `stop` is cancelled, then gives the attempts in flight [`SHUTDOWN_GRACE`] to
     /// finish and be recorded; those still running are cut off and their leases released, so
     /// that the next node (or this one restarted) attempts them again at once.
-    pub async fn run(self, mut stop: watch::Receiver<bool>) {
+    pub async fn run(self, stop: CancellationToken) {
         let this = Arc::new(self);
         let mut inflight: JoinSet<()> = JoinSet::new();
         // The deliveries in flight, by task, for releasing them at shutdown.
@@ -220,7 +220,7 @@ impl Worker {
         let mut claim_failing = false;
         loop {
             tokio::select! {
-                _ = stop.wait_for(|s| *s) => break,
+                _ = stop.cancelled() => break,
                 Some(done) = inflight.join_next_with_id(), if !inflight.is_empty() => {
                     match done {
                         Ok((id, ())) => { leased.remove(&id); }

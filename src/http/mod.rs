@@ -44,8 +44,8 @@ pub struct AppState {
     pub redis: Option<crate::cluster::RedisHealth>,
     pub bus: crate::deliver::relay::Bus,
     pub outbox: crate::deliver::outbox::Outbox,
-    /// Whether every pipeline stage is alive (`/readyz`).
-    pub pipeline: crate::pipeline::Health,
+    /// Whether every essential task (the pipeline stages among them) is alive (`/readyz`).
+    pub pipeline: crate::tasks::Health,
     /// Publish and ingest rate limits, by caller.
     pub rate_limits: Arc<events::KeyedLimits>,
     pub metrics: metrics_exporter_prometheus::PrometheusHandle,

@@ -14,7 +14,8 @@ use std::time::Instant;
 
 use futures_util::StreamExt;
 use futures_util::stream::FuturesOrdered;
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
 
 pub use crate::store::NewReading;
 pub use validate::{Invalid, MAX_FUTURE_MS, validate};
@@ -29,8 +30,8 @@ pub struct Handover {
     pub pending: Option<i64>,
 }
 
-use crate::pipeline::Health;
 use crate::store::{Outcomes, Store, StoreError, now_ms};
+use crate::tasks::Health;
 use crate::wire::SensorReading;
 
 /// The most rows one transaction carries.
@@ -91,29 +92,25 @@ pub struct Ingest {
 }
 
 impl Ingest {
-    /// Starts the writer. Committed readings go to every `downstream` channel, in commit order;
-    /// the alert and status events each commit stored go to `announce`.
+    /// Prepares the writer, for the caller to run as a task. Committed readings go to every
+    /// `downstream` channel, in commit order; the alert and status events each commit stored go
+    /// to `announce`.
     pub fn start(
         store: Store,
         queue_len: usize,
         max_buffered: usize,
         downstream: Downstream,
         health: Health,
-        stop: watch::Receiver<bool>,
-    ) -> (
-        Ingest,
-        impl std::future::Future<Output = ()> + Send + 'static,
-    ) {
+    ) -> (Ingest, Writer) {
         let (tx, rx) = mpsc::channel(queue_len);
         let buffered = Arc::new(AtomicUsize::new(0));
-        let task = writer(
+        let task = Writer {
             store,
             rx,
             downstream,
-            buffered.clone(),
-            health.clone(),
-            stop,
-        );
+            buffered: buffered.clone(),
+            health: health.clone(),
+        };
         let ingest = Ingest {
             queue: tx,
             health,
@@ -157,6 +154,29 @@ impl Ingest {
     }
 }
 
+/// The group-commit loop, not started yet (see [`Writer::run`]).
+pub struct Writer {
+    store: Store,
+    rx: mpsc::Receiver<Job>,
+    downstream: Downstream,
+    buffered: Arc<AtomicUsize>,
+    health: Health,
+}
+
+impl Writer {
+    /// Runs until `stop` is cancelled; then commits what has already queued and ends.
+    pub fn run(self, stop: CancellationToken) -> impl std::future::Future<Output = ()> + Send {
+        writer(
+            self.store,
+            self.rx,
+            self.downstream,
+            self.buffered,
+            self.health,
+            stop,
+        )
+    }
+}
+
 /// Where committed work goes.
 pub struct Downstream {
     /// The stored readings, to live delivery and batching.
@@ -191,7 +211,7 @@ async fn writer(
     downstream: Downstream,
     buffered: Arc<AtomicUsize>,
     health: Health,
-    mut stop: watch::Receiver<bool>,
+    stop: CancellationToken,
 ) {
     let max_in_flight = commits_in_flight(&store);
     let mut inflight = FuturesOrdered::new();
@@ -222,7 +242,7 @@ async fn writer(
                     }
                 }
                 // A failed pipeline stage would leave what is stored now unannounced:
-                // acknowledge nothing more (the node is on its way out; see `pipeline`).
+                // acknowledge nothing more (the node is on its way out; see `tasks`).
                 if health.failed() {
                     for job in jobs {
                         job.reply.send(Err(SubmitError::Closed)).ok();
@@ -231,7 +251,7 @@ async fn writer(
                 }
                 inflight.push_back(commit(&store, jobs, &buffered));
             }
-            _ = stop.changed(), if !stopping => {
+            _ = stop.cancelled(), if !stopping => {
                 stopping = true;
                 rx.close();
             }

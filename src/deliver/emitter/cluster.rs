@@ -4,13 +4,16 @@
 
 use super::*;
 
+use tokio_util::task::AbortOnDropHandle;
+use tracing::Instrument;
+
 pub(super) async fn run_cluster<A: Adapter>(
     io: SocketIo<A>,
     outgoing: mpsc::Receiver<Outgoing>,
     (requeue, mut commands): (mpsc::Sender<Command>, mpsc::Receiver<Command>),
     cluster: ClusterLog,
     sent: Sent,
-    stop: oneshot::Receiver<()>,
+    stop: CancellationToken,
 ) {
     let ClusterLog {
         health,
@@ -25,8 +28,12 @@ pub(super) async fn run_cluster<A: Adapter>(
         rand::RngCore::fill_bytes(&mut rand::rng(), &mut id);
         hex::encode(id).into()
     };
+    // The feed and the appender are the emitter's own tasks: they run while it does and end with
+    // it — aborted if it unwinds (a handle that aborts on drop), joined when it returns — so none
+    // outlives the emitter, which the task owner (`tasks.rs`) supervises and joins. A panic in
+    // either is raised again in the emitter, so the node fails naming it.
     let (fed_tx, mut fed) = mpsc::channel(4096);
-    let feed = tokio::spawn(
+    let feed = AbortOnDropHandle::new(tokio::spawn(
         Feed {
             io: io.clone(),
             log: log.clone(),
@@ -35,16 +42,20 @@ pub(super) async fn run_cluster<A: Adapter>(
             node: node.clone(),
             out: fed_tx,
         }
-        .run(follows),
-    );
-    let mut appender = tokio::spawn(append(
-        io.clone(),
-        outgoing,
-        log.clone(),
-        health.clone(),
-        sent,
-        node,
-        stop,
+        .run(follows)
+        .instrument(tracing::info_span!("task", name = "emitter feed")),
+    ));
+    let mut appender = AbortOnDropHandle::new(tokio::spawn(
+        append(
+            io.clone(),
+            outgoing,
+            log.clone(),
+            health.clone(),
+            sent,
+            node,
+            stop,
+        )
+        .instrument(tracing::info_span!("task", name = "emitter appender")),
     ));
     let mut delivered = Delivered::default();
     // Once the appender has ended (shutdown): deliver up to its last events, then stop.
@@ -105,7 +116,11 @@ pub(super) async fn run_cluster<A: Adapter>(
                 }
             }
             done = &mut appender, if last_appended.is_none() => {
-                last_appended = Some(done.unwrap_or_default());
+                last_appended = Some(match done {
+                    Ok(last) => last,
+                    Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+                    Err(_) => HashMap::new(),
+                });
                 deadline.as_mut().reset(tokio::time::Instant::now() + Duration::from_secs(3));
             }
             _ = &mut deadline => {
@@ -115,6 +130,16 @@ pub(super) async fn run_cluster<A: Adapter>(
         }
     }
     feed.abort();
+    // A feed that ended early by panicking ended the loop above: the node fails naming it.
+    if let Err(e) = feed.await
+        && e.is_panic()
+    {
+        std::panic::resume_unwind(e.into_panic());
+    }
+    if last_appended.is_none() {
+        appender.abort();
+        appender.await.ok();
+    }
 }
 
 /// Where this node's delivery stands in the stream of each organisation it follows, and the
@@ -207,7 +232,7 @@ pub(super) async fn append<A: Adapter>(
     health: RedisHealth,
     sent: Sent,
     node: Arc<str>,
-    stop: oneshot::Receiver<()>,
+    stop: CancellationToken,
 ) -> HashMap<String, Offset> {
     let mut stop = Some(stop);
     let mut last = HashMap::new();
@@ -505,6 +530,8 @@ pub(super) async fn local_only<A: Adapter>(io: &SocketIo<A>, out: &Outgoing) {
             recovered: false,
             offset: None,
         };
+        // A short task of its own, not an owned one: it ends by itself once the word is out,
+        // the socket is gone, or after the slow-consumer grace (`wait_for_room`).
         tokio::spawn(async move {
             // Back in its rooms once it can take the word, so that its refetch is followed by
             // every later event.

@@ -24,6 +24,7 @@ use socketioxide::adapter::Adapter;
 use socketioxide::socket::Sid;
 use socketioxide::{BroadcastError, SendError, SocketError, SocketIo};
 use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
 
 use crate::cluster::RedisHealth;
 use crate::deliver::feed::{Fed, Feed, LiveMessage};
@@ -106,8 +107,8 @@ pub struct ClusterLog {
     pub follows: mpsc::UnboundedReceiver<crate::deliver::feed::Op>,
 }
 
-/// Runs until `stop` fires (after the pipeline stages have ended): then it refuses new events,
-/// sends what is already queued, and ends — it cannot wait for every sender to go, since
+/// Runs until `stop` is cancelled (after the pipeline stages have ended): then it refuses new
+/// events, sends what is already queued, and ends — it cannot wait for every sender to go, since
 /// request handlers hold one until the server itself is gone.
 pub async fn run<A: Adapter>(
     io: SocketIo<A>,
@@ -116,7 +117,7 @@ pub async fn run<A: Adapter>(
     cluster: Option<ClusterLog>,
     retention: Retention,
     sent: Sent,
-    stop: oneshot::Receiver<()>,
+    stop: CancellationToken,
 ) {
     match cluster {
         None => run_single(io, outgoing, commands, retention, sent, stop).await,
@@ -132,16 +133,16 @@ pub type Sent = mpsc::UnboundedSender<Leased>;
 /// The next event from the outbox; after `stop`, only what was already queued.
 async fn next_outgoing(
     rx: &mut mpsc::Receiver<Outgoing>,
-    stop: &mut Option<oneshot::Receiver<()>>,
+    stop: &mut Option<CancellationToken>,
 ) -> Option<Outgoing> {
     loop {
-        let Some(signal) = stop.as_mut() else {
+        let Some(signal) = stop.clone() else {
             return rx.recv().await;
         };
         tokio::select! {
             biased;
             out = rx.recv() => return out,
-            _ = signal => {
+            _ = signal.cancelled() => {
                 rx.close();
                 *stop = None;
             }
@@ -289,8 +290,8 @@ mod tests {
     #[tokio::test]
     async fn after_stop_only_what_was_queued_goes_out() {
         let (tx, mut rx) = mpsc::channel(8);
-        let (fire, stop) = oneshot::channel();
-        let mut stop = Some(stop);
+        let fire = CancellationToken::new();
+        let mut stop = Some(fire.clone());
         tx.send(event(1)).await.unwrap();
         assert_eq!(
             id(next_outgoing(&mut rx, &mut stop).await),
@@ -298,7 +299,7 @@ mod tests {
         );
         tx.send(event(2)).await.unwrap();
         tx.send(event(3)).await.unwrap();
-        fire.send(()).unwrap();
+        fire.cancel();
         assert_eq!(
             id(next_outgoing(&mut rx, &mut stop).await),
             Some(Leased::Event(2))
@@ -315,8 +316,7 @@ mod tests {
     #[tokio::test]
     async fn before_stop_the_emitter_waits_for_events() {
         let (tx, mut rx) = mpsc::channel(8);
-        let (_fire, stop) = oneshot::channel::<()>();
-        let mut stop = Some(stop);
+        let mut stop = Some(CancellationToken::new());
         let next = next_outgoing(&mut rx, &mut stop);
         tokio::pin!(next);
         assert!(futures_util::poll!(next.as_mut()).is_pending());

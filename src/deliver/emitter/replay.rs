@@ -145,6 +145,9 @@ pub(super) async fn handle<A, F, Fut>(
                                     turn,
                                     cause,
                                 };
+                                // Per socket and bounded, so not an owned task: it ends
+                                // with the socket, or once the socket reads nothing for the
+                                // slow-consumer grace (`wait_for_room`), or when done.
                                 tokio::spawn(drain_then_resume(
                                     socket,
                                     rest,
@@ -180,6 +183,7 @@ pub(super) async fn handle<A, F, Fut>(
                 // gets the word as soon as it has room, before anything else of ours that
                 // does not fit.
                 let socket = socket.clone();
+                // Bounded like the above (`wait_for_room`): not an owned task.
                 tokio::spawn(async move {
                     wait_for_room(&socket, |s| s.emit("sync:complete", &complete)).await;
                 });

@@ -8,7 +8,7 @@ pub(super) async fn run_single<A: Adapter>(
     (requeue, mut commands): (mpsc::Sender<Command>, mpsc::Receiver<Command>),
     retention: Retention,
     sent: Sent,
-    stop: oneshot::Receiver<()>,
+    stop: CancellationToken,
 ) {
     let mut stop = Some(stop);
     let mut history = History::new(
@@ -128,7 +128,8 @@ mod tests {
         let (outbox, outgoing) = mpsc::channel(8);
         let (requeue, commands) = mpsc::channel(8);
         let (sent, mut reports) = mpsc::unbounded_channel();
-        let (stop, stopped) = oneshot::channel();
+        let stop = CancellationToken::new();
+        let stopped = stop.clone();
         let emitter = tokio::spawn(run_single(
             io,
             outgoing,
@@ -164,7 +165,7 @@ mod tests {
             ack.events[0].data,
             serde_json::json!({"offset": head, "n": 2})
         );
-        stop.send(()).ok();
+        stop.cancel();
         emitter.await.unwrap();
     }
 
@@ -174,11 +175,12 @@ mod tests {
         let (outbox, outgoing) = mpsc::channel(8);
         let (requeue, commands) = mpsc::channel(8);
         let (sent, mut reports) = mpsc::unbounded_channel();
-        let (stop, stopped) = oneshot::channel();
+        let stop = CancellationToken::new();
+        let stopped = stop.clone();
         for id in 1..=3 {
             outbox.send(event(id, "{}")).await.ok();
         }
-        stop.send(()).ok();
+        stop.cancel();
         let emitter = run_single(io, outgoing, (requeue, commands), RETENTION, sent, stopped);
         // Ends although `outbox` is still held (as request handlers hold theirs).
         tokio::time::timeout(Duration::from_secs(5), emitter)
