@@ -1,8 +1,9 @@
 //! Client → server events: subscriptions, `get:latest`, `auth:refresh`, `sync`.
 //!
 //! Every handler is generic over the adapter, so one code path serves a single node and a
-//! cluster. Each event first passes the socket's rate limiter. Arguments are taken as raw JSON and
-//! checked here, so a wrong type gets the contract's `not_found` instead of silence.
+//! cluster. Each event passes the socket's rate limiter as it arrives, before it waits for its
+//! [`Turn`]. Arguments are taken as raw JSON and checked here, so a wrong type gets the
+//! contract's `not_found` instead of silence.
 
 use std::sync::Arc;
 
