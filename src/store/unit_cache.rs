@@ -22,7 +22,10 @@ pub struct UnitInfo {
 pub struct Units {
     store: Store,
     /// `moka`'s synchronous cache: its lookups never block, so async callers use it directly,
-    /// and `invalidate` stays a plain call.
+    /// and `invalidate` stays a plain call. A hit costs about 250 ns against 190 ns for the
+    /// hand-written `RwLock<HashMap>` it replaced (release build, 50 units, key allocation
+    /// included); ingest looks up each distinct unit once per request, next to a database
+    /// commit of milliseconds, so the difference does not show.
     cache: moka::sync::Cache<(String, String), UnitInfo>,
 }
 
