@@ -28,6 +28,8 @@ struct Turns {
     issued: u64,
     serving: u64,
     done: BTreeSet<u64>,
+    /// A disconnect for flooding has its turn: later events are only refused.
+    disconnecting: bool,
 }
 
 impl Session {
@@ -120,13 +122,26 @@ impl Turn {
     pub fn admit(session: Arc<Session>) -> Turn {
         let mut turns = session.turns.lock().unwrap();
         let mut limiter = session.limiter.lock().unwrap();
-        let verdict = if turns.waiting() >= session.max_waiting {
+        let mut verdict = if turns.waiting() >= session.max_waiting {
             limiter.refuse()
         } else {
             limiter.check()
         };
         drop(limiter);
-        let ticket = (verdict == Verdict::Allow).then(|| turns.issue());
+        let ticket = match verdict {
+            Verdict::Allow => Some(turns.issue()),
+            Verdict::Refuse => None,
+            // The disconnect takes its place in line (the one place beyond the cap), so the
+            // client first gets the answers to everything it sent before, refusals included.
+            Verdict::Disconnect if !turns.disconnecting => {
+                turns.disconnecting = true;
+                Some(turns.issue())
+            }
+            Verdict::Disconnect => {
+                verdict = Verdict::Refuse;
+                None
+            }
+        };
         drop(turns);
         Turn {
             session,
@@ -151,9 +166,15 @@ impl Turn {
         loop {
             let notified = self.session.turn_changed.notified();
             if self.session.turns.lock().unwrap().serving == ticket {
-                return;
+                break;
             }
             notified.await;
+        }
+        if self.verdict == Verdict::Disconnect {
+            // Refused events hold no place in line: their handlers, spawned before this one,
+            // may still be queued (tokio runs the newest task first). Yielding lets them send
+            // their refusals before the socket goes.
+            tokio::task::yield_now().await;
         }
     }
 }
@@ -281,6 +302,26 @@ mod tests {
         assert_eq!(*order.lock().unwrap(), vec![0, 1, 2, 3]);
         // With nothing waiting, events are admitted again.
         assert_eq!(Turn::admit(s.clone()).verdict(), Verdict::Allow);
+    }
+
+    #[test]
+    fn one_disconnect_takes_its_place_in_line_and_later_events_are_refused() {
+        let s = session("1", "1");
+        let held = Turn::take(s.clone());
+        assert_eq!(Turn::admit(s.clone()).verdict(), Verdict::Allow);
+        // The abuse limit is 1000; refuse up to it, then the next one disconnects.
+        for _ in 0..1000 {
+            assert_eq!(Turn::admit(s.clone()).verdict(), Verdict::Refuse);
+        }
+        let disconnect = Turn::admit(s.clone());
+        assert_eq!(disconnect.verdict(), Verdict::Disconnect);
+        assert!(
+            disconnect.ticket.is_some(),
+            "it waits for the events before it"
+        );
+        let later = Turn::admit(s.clone());
+        assert_eq!((later.verdict(), later.ticket), (Verdict::Refuse, None));
+        drop(held);
     }
 
     #[test]

@@ -366,9 +366,9 @@ fn unfollow_live<A: Adapter>(s: &SocketRef<A>, room: &str) {
 }
 
 /// Any other event: counted against the rate limit (so floods of junk get disconnected) and
-/// otherwise ignored, like socket.io does with events nobody listens to. Having nothing to do
-/// in order, it gives its turn back without waiting.
+/// otherwise ignored, like socket.io does with events nobody listens to.
 pub async fn unknown_event<A: Adapter>(s: SocketRef<A>, turn: Turn) {
+    turn.wait().await;
     admit(&s, &turn);
 }
 
