@@ -14,6 +14,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
+use backon::{ConstantBuilder, Retryable};
 use socketioxide_redis::drivers::fred::fred_client as fred;
 use socketioxide_redis::{RedisAdapterConfig, RedisAdapterCtr};
 
@@ -234,7 +235,7 @@ fn resubscribe_on_reconnect(
         // notification is handled alike, the first included.
         while reconnects.recv().await.is_ok() {
             health.resubscribing.fetch_add(1, Ordering::Relaxed);
-            loop {
+            let resubscribe = || async {
                 let channels: Vec<String> = client
                     .tracked_channels()
                     .into_iter()
@@ -250,28 +251,29 @@ fn resubscribe_on_reconnect(
                     .into_iter()
                     .map(|c| c.to_string())
                     .collect();
-                let result = async {
-                    if !channels.is_empty() {
-                        client.subscribe(channels).await?;
-                    }
-                    if !patterns.is_empty() {
-                        client.psubscribe(patterns).await?;
-                    }
-                    // One by one: on a Redis Cluster each may live on another master.
-                    for shard in shards {
-                        client.ssubscribe(shard).await?;
-                    }
-                    Ok::<_, fred::error::Error>(())
+                if !channels.is_empty() {
+                    client.subscribe(channels).await?;
                 }
-                .await;
-                match result {
-                    Ok(()) => break,
-                    Err(e) => {
-                        tracing::warn!(error = %e, "re-subscribing after a Redis reconnect failed; retrying");
-                        tokio::time::sleep(Duration::from_millis(500)).await;
-                    }
+                if !patterns.is_empty() {
+                    client.psubscribe(patterns).await?;
                 }
-            }
+                // One by one: on a Redis Cluster each may live on another master.
+                for shard in shards {
+                    client.ssubscribe(shard).await?;
+                }
+                Ok::<_, fred::error::Error>(())
+            };
+            // Every 500 ms until it succeeds (the node is unready meanwhile).
+            let every_half_second = ConstantBuilder::default()
+                .with_delay(Duration::from_millis(500))
+                .without_max_times();
+            resubscribe
+                .retry(every_half_second)
+                .notify(|e, _| {
+                    tracing::warn!(error = %e, "re-subscribing after a Redis reconnect failed; retrying");
+                })
+                .await
+                .ok(); // never gives up, so never an error
             health.resubscribing.fetch_sub(1, Ordering::Relaxed);
             tracing::info!("redis subscriptions restored");
         }

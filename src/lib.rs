@@ -342,7 +342,7 @@ async fn serve<A: Adapter>(
         bus,
         outbox,
         pipeline: pipeline.clone(),
-        rate_limits: Default::default(),
+        rate_limits: Arc::new(http::KeyedLimits::new(&config.limits)),
         metrics: parts_metrics,
         announce,
     };

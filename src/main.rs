@@ -78,8 +78,8 @@ enum ApikeyCommand {
         #[arg(long)]
         name: String,
         /// ingest (default) and/or publish; repeatable.
-        #[arg(long = "scope", value_parser = ["ingest", "publish"])]
-        scopes: Vec<String>,
+        #[arg(long = "scope", value_parser = scope_parser())]
+        scopes: Vec<KeyScope>,
         #[command(flatten)]
         db: DbArgs,
     },
@@ -148,19 +148,15 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
         } => {
             sensorwire::config::check_database_url(&db.database_url)?;
             let store = Store::open(&db.database_url).await?;
-            let scopes = if scopes.iter().any(|s| s == "publish") {
-                let mut v = vec![KeyScope::Publish];
-                if scopes.iter().any(|s| s == "ingest") {
-                    v.push(KeyScope::Ingest);
-                }
-                v
-            } else {
+            let scopes = if scopes.is_empty() {
                 vec![KeyScope::Ingest]
+            } else {
+                scopes
             };
             let key = sensorwire::http::create_key(&store, &org, &name, scopes).await?;
             println!("id:     {}", key.id);
             println!("key:    {}", key.key);
-            let scopes: Vec<_> = key.scopes.iter().map(|s| s.as_str()).collect();
+            let scopes: Vec<&str> = key.scopes.iter().map(|s| s.as_ref()).collect();
             println!("scopes: {}", scopes.join(","));
             println!("(the key is shown only now; send it as X-API-Key)");
             Ok(())
@@ -259,4 +255,12 @@ async fn shutdown_signal() {
         _ = term => {},
     }
     tracing::info!("shutting down");
+}
+
+/// `--scope`: one of the scopes' names, as strum spells them.
+fn scope_parser() -> impl clap::builder::TypedValueParser<Value = KeyScope> {
+    use clap::builder::TypedValueParser;
+    use strum::VariantNames;
+    clap::builder::PossibleValuesParser::new(KeyScope::VARIANTS)
+        .map(|s| s.parse::<KeyScope>().expect("one of the variants"))
 }

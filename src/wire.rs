@@ -57,34 +57,19 @@ pub struct Site {
     pub name: String,
 }
 
+// The enums' strings outside JSON (database columns, metric labels, API key scopes) come from
+// strum's derives, the same snake_case names serde gives them: `.as_ref()`/`.into()`, `.parse()`.
+
 /// A unit's status: `unknown` until its first reading.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, TS, ToSchema)]
 #[serde(rename_all = "snake_case")]
+#[derive(strum::IntoStaticStr, strum::AsRefStr, strum::EnumString)]
+#[strum(serialize_all = "snake_case")]
 pub enum UnitStatus {
     Unknown,
     Ok,
     Excursion,
     Offline,
-}
-
-impl UnitStatus {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            UnitStatus::Unknown => "unknown",
-            UnitStatus::Ok => "ok",
-            UnitStatus::Excursion => "excursion",
-            UnitStatus::Offline => "offline",
-        }
-    }
-
-    pub fn parse(s: &str) -> Self {
-        match s {
-            "ok" => UnitStatus::Ok,
-            "excursion" => UnitStatus::Excursion,
-            "offline" => UnitStatus::Offline,
-            _ => UnitStatus::Unknown,
-        }
-    }
 }
 
 /// A fridge or freezer with its safe range.
@@ -109,33 +94,18 @@ pub struct Unit {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, TS, ToSchema)]
 #[serde(rename_all = "snake_case")]
+#[derive(strum::IntoStaticStr, strum::AsRefStr, strum::EnumString)]
+#[strum(serialize_all = "snake_case")]
 pub enum AlertType {
     TempHigh,
     TempLow,
     Offline,
 }
 
-impl AlertType {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            AlertType::TempHigh => "temp_high",
-            AlertType::TempLow => "temp_low",
-            AlertType::Offline => "offline",
-        }
-    }
-
-    pub fn parse(s: &str) -> Option<Self> {
-        match s {
-            "temp_high" => Some(AlertType::TempHigh),
-            "temp_low" => Some(AlertType::TempLow),
-            "offline" => Some(AlertType::Offline),
-            _ => None,
-        }
-    }
-}
-
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, TS, ToSchema)]
 #[serde(rename_all = "snake_case")]
+#[derive(strum::IntoStaticStr, strum::AsRefStr, strum::EnumString)]
+#[strum(serialize_all = "snake_case")]
 pub enum Severity {
     Warning,
     Critical,
@@ -143,6 +113,8 @@ pub enum Severity {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, TS, ToSchema)]
 #[serde(rename_all = "snake_case")]
+#[derive(strum::IntoStaticStr, strum::AsRefStr, strum::EnumString)]
+#[strum(serialize_all = "snake_case")]
 pub enum AlertStatus {
     Active,
     Resolved,
@@ -291,18 +263,11 @@ mod double_option {
 /// A scope of a device API key.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, TS, ToSchema)]
 #[serde(rename_all = "snake_case")]
+#[derive(strum::IntoStaticStr, strum::AsRefStr, strum::EnumString, strum::VariantNames)]
+#[strum(serialize_all = "snake_case")]
 pub enum KeyScope {
     Ingest,
     Publish,
-}
-
-impl KeyScope {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            KeyScope::Ingest => "ingest",
-            KeyScope::Publish => "publish",
-        }
-    }
 }
 
 /// `POST /api/keys`.

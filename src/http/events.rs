@@ -1,8 +1,6 @@
 //! `POST /api/events`: a backend service emits its own event to a room of its organisation.
 
-use std::collections::HashMap;
-use std::sync::Mutex;
-use std::time::Instant;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use axum::extract::State;
 use axum::http::StatusCode;
@@ -11,7 +9,8 @@ use axum::{Json as JsonBody, Router};
 
 use super::{AppError, AppState, Json};
 use crate::auth::{Caller, Role, valid_id};
-use crate::rate_limit::{RateLimiter, Verdict};
+use crate::config::Limits;
+use crate::rate_limit::quota;
 use crate::rooms;
 use crate::wire::{KeyScope, PublishRequest, PublishResponse};
 
@@ -39,22 +38,64 @@ pub fn reserved(event: &str) -> bool {
         )
 }
 
-/// Rate limits by caller (API key, user or organisation), each a token bucket of `per_second`
-/// with a burst of twice that.
-#[derive(Default)]
-pub struct KeyedLimits(Mutex<HashMap<String, RateLimiter>>);
+/// Rate limits by caller (API key, user or organisation): `governor`'s keyed token buckets, each
+/// of the configured rate with a burst of twice that.
+pub struct KeyedLimits {
+    publish: Keyed,
+    ingest_key: Keyed,
+    ingest_org: Keyed,
+}
 
 impl KeyedLimits {
-    pub fn check(&self, who: &str, per_second: u32) -> bool {
-        let mut map = self.0.lock().unwrap();
-        if map.len() > 10_000 {
-            map.clear(); // bounded: forgetting buckets only ever lets a caller through early
+    pub fn new(limits: &Limits) -> Self {
+        let keyed = |per_second: u32| Keyed {
+            buckets: governor::RateLimiter::keyed(quota(per_second, per_second.saturating_mul(2))),
+            prune_at: AtomicUsize::new(PRUNE_AT),
+        };
+        KeyedLimits {
+            publish: keyed(limits.publish_per_second),
+            ingest_key: keyed(limits.ingest_per_second_per_key),
+            ingest_org: keyed(limits.ingest_per_second_per_org),
         }
-        let now = Instant::now();
-        let limiter = map
-            .entry(who.to_string())
-            .or_insert_with(|| RateLimiter::new(per_second, per_second * 2, u32::MAX, now));
-        limiter.check(now) == Verdict::Allow
+    }
+
+    /// `POST /api/events` by one publisher (an API key or an admin).
+    pub fn publish(&self, who: &str) -> bool {
+        self.publish.check(who)
+    }
+
+    /// Ingest by one API key.
+    pub fn ingest_key(&self, key_id: &str) -> bool {
+        self.ingest_key.check(key_id)
+    }
+
+    /// Ingest by one organisation, all its callers together.
+    pub fn ingest_org(&self, org: &str) -> bool {
+        self.ingest_org.check(org)
+    }
+}
+
+/// Callers remembered before the idle ones are forgotten.
+const PRUNE_AT: usize = 10_000;
+
+struct Keyed {
+    buckets: governor::DefaultKeyedRateLimiter<String>,
+    /// Bounded memory: past this many callers, those whose bucket is full again are dropped
+    /// (forgetting a full bucket changes nothing). The mark then rises to twice the callers
+    /// still active, so a crowd of active callers costs one sweep per doubling, not one per call.
+    prune_at: AtomicUsize,
+}
+
+impl Keyed {
+    fn check(&self, who: &str) -> bool {
+        let allowed = self.buckets.check_key(&who.to_string()).is_ok();
+        if self.buckets.len() > self.prune_at.load(Ordering::Relaxed) {
+            self.buckets.retain_recent();
+            self.buckets.shrink_to_fit();
+            let mark = (self.buckets.len() * 2).max(PRUNE_AT);
+            self.prune_at.store(mark, Ordering::Relaxed);
+        }
+        allowed
     }
 }
 
@@ -110,10 +151,7 @@ pub async fn publish(
             "data is over {MAX_DATA_BYTES} bytes"
         )));
     }
-    if !app
-        .rate_limits
-        .check(&who, app.config.limits.publish_per_second)
-    {
+    if !app.rate_limits.publish(&who) {
         return Err(AppError::RateLimited {
             message: "too many published events; slow down".into(),
             retry_after: 1,

@@ -31,11 +31,7 @@ impl FromRequestParts<AppState> for Caller {
             let scopes = row
                 .scopes
                 .split(',')
-                .filter_map(|s| match s {
-                    "ingest" => Some(KeyScope::Ingest),
-                    "publish" => Some(KeyScope::Publish),
-                    _ => None,
-                })
+                .filter_map(|s| s.parse::<KeyScope>().ok())
                 .collect();
             tracing::Span::current().record("org", row.org_id.as_str());
             return Ok(Caller::Key(KeyIdentity {

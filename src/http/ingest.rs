@@ -69,16 +69,10 @@ async fn accept(
             ));
         }
     }
-    let l = &app.config.limits;
     let limited = match &caller {
-        Caller::Key(k) => !app
-            .rate_limits
-            .check(&format!("ingest:key:{}", k.id), l.ingest_per_second_per_key),
+        Caller::Key(k) => !app.rate_limits.ingest_key(&k.id),
         Caller::User(_) => false,
-    } || !app.rate_limits.check(
-        &format!("ingest:org:{}", caller.org_id()),
-        l.ingest_per_second_per_org,
-    );
+    } || !app.rate_limits.ingest_org(caller.org_id());
     if limited {
         return Err(AppError::RateLimited {
             message: "too many ingest requests; slow down and retry".into(),

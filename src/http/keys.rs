@@ -45,12 +45,12 @@ pub async fn create_key(
     name: &str,
     mut scopes: Vec<KeyScope>,
 ) -> Result<ApiKeyCreated, crate::store::StoreError> {
-    scopes.sort_by_key(|s| s.as_str());
+    scopes.sort_by_key(|s| <&str>::from(*s));
     scopes.dedup();
     let key = apikey::generate();
     let joined = scopes
         .iter()
-        .map(|s| s.as_str())
+        .map(|s| s.as_ref())
         .collect::<Vec<_>>()
         .join(",");
     store

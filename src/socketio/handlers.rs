@@ -1,8 +1,9 @@
 //! Client → server events: subscriptions, `get:latest`, `auth:refresh`, `sync`.
 //!
 //! Every handler is generic over the adapter, so one code path serves a single node and a
-//! cluster. Each event first passes the socket's rate limiter. Arguments are taken as raw JSON and
-//! checked here, so a wrong type gets the contract's `not_found` instead of silence.
+//! cluster. Each event passes the socket's rate limiter as it arrives, before it waits for its
+//! [`Turn`]. Arguments are taken as raw JSON and checked here, so a wrong type gets the
+//! contract's `not_found` instead of silence.
 
 use std::sync::Arc;
 
@@ -51,10 +52,11 @@ impl From<StoreError> for Refusal {
     }
 }
 
-/// Passes the event through the rate limiter; `false` means it was refused (and, when the
-/// client keeps at it, the socket is already being disconnected).
-fn admit<A: Adapter>(s: &SocketRef<A>, session: &Session) -> bool {
-    match session.admit() {
+/// Whether the rate limiter let the event through (decided when its [`Turn`] was taken);
+/// `false` means it was refused (and, when the client keeps at it, the socket is already being
+/// disconnected).
+fn admit<A: Adapter>(s: &SocketRef<A>, turn: &Turn) -> bool {
+    match turn.verdict() {
         Verdict::Allow => true,
         Verdict::Refuse => {
             crate::observe::event_refused();
@@ -145,7 +147,7 @@ async fn subscribe<A: Adapter>(
     turn.wait().await;
     let session = turn.session().clone();
     let result = async {
-        if !admit(&s, &session) {
+        if !admit(&s, &turn) {
             return Err(Refusal::RateLimited);
         }
         let id = id_arg(data)?;
@@ -197,12 +199,14 @@ pub async fn subscribe_unit<A: Adapter>(
 async fn unsubscribe<A: Adapter>(
     s: SocketRef<A>,
     data: Result<Value, impl std::fmt::Debug>,
-    session: Arc<Session>,
+    turn: Turn,
     reply: Reply<A>,
     room: fn(&str, &str) -> String,
 ) {
+    turn.wait().await;
+    let session = turn.session();
     let result = (|| {
-        if !admit(&s, &session) {
+        if !admit(&s, &turn) {
             return Err(Refusal::RateLimited);
         }
         let id = id_arg(data)?;
@@ -221,9 +225,7 @@ pub async fn unsubscribe_site<A: Adapter>(
     turn: Turn,
     reply: Reply<A>,
 ) {
-    turn.wait().await;
-    let session = turn.session().clone();
-    unsubscribe(s, data, session, reply, rooms::site).await
+    unsubscribe(s, data, turn, reply, rooms::site).await
 }
 
 pub async fn unsubscribe_unit<A: Adapter>(
@@ -232,9 +234,7 @@ pub async fn unsubscribe_unit<A: Adapter>(
     turn: Turn,
     reply: Reply<A>,
 ) {
-    turn.wait().await;
-    let session = turn.session().clone();
-    unsubscribe(s, data, session, reply, rooms::unit).await
+    unsubscribe(s, data, turn, reply, rooms::unit).await
 }
 
 /// `get:latest`: the unit's newest reading, or `null` (also for a unit the caller cannot see).
@@ -248,7 +248,7 @@ pub async fn get_latest<A: Adapter>(
     turn.wait().await;
     let session = turn.session().clone();
     let result: Result<Option<SensorReading>, Refusal> = async {
-        if !admit(&s, &session) {
+        if !admit(&s, &turn) {
             return Err(Refusal::RateLimited);
         }
         let unit = id_arg(data)?;
@@ -283,7 +283,7 @@ pub async fn auth_refresh<A: Adapter>(
         exp: None,
         error: Some(error.into()),
     };
-    if !admit(&s, &session) {
+    if !admit(&s, &turn) {
         let code = Refusal::RateLimited.code();
         return reply.send(&refused(code), Some((code, Refusal::RateLimited.message())));
     }
@@ -369,8 +369,7 @@ fn unfollow_live<A: Adapter>(s: &SocketRef<A>, room: &str) {
 /// otherwise ignored, like socket.io does with events nobody listens to.
 pub async fn unknown_event<A: Adapter>(s: SocketRef<A>, turn: Turn) {
     turn.wait().await;
-    let session = turn.session().clone();
-    admit(&s, &session);
+    admit(&s, &turn);
 }
 
 /// `sync`: the organisation and user events after `{ offset }` that this socket may see, as an
@@ -389,7 +388,7 @@ pub async fn sync<A: Adapter>(
         events: Vec::new(),
         offset: None,
     };
-    if !admit(&s, &session) {
+    if !admit(&s, &turn) {
         let code = Refusal::RateLimited.code();
         return reply.send(&lost, Some((code, Refusal::RateLimited.message())));
     }

@@ -125,10 +125,7 @@ const EVENT: &str = "alert:acknowledged";
 impl Store {
     /// A page of an organisation's alerts, newest first (`triggeredAt`, then id, descending).
     pub async fn alert_history(&self, org: &str, q: &AlertQuery) -> Result<Vec<AlertRow>> {
-        let status = q.status.map(|s| match s {
-            AlertStatus::Active => "active",
-            AlertStatus::Resolved => "resolved",
-        });
+        let status = q.status.map(<&str>::from);
         let site_ids = q
             .site_ids
             .as_ref()

@@ -439,10 +439,7 @@ impl Store {
         status: Option<AlertStatus>,
         limit: i64,
     ) -> Result<Vec<AlertRow>> {
-        let status = status.map(|s| match s {
-            AlertStatus::Active => "active",
-            AlertStatus::Resolved => "resolved",
-        });
+        let status = status.map(<&str>::from);
         let sql = format!(
             "{} WHERE org_id = $1 AND ($2 IS NULL OR status = $2) \
              ORDER BY triggered_at DESC, id DESC LIMIT $3",

@@ -13,6 +13,9 @@
 
 use std::collections::hash_map::Entry;
 use std::collections::{HashMap, HashSet};
+use std::time::Duration;
+
+use backon::{ExponentialBuilder, Retryable};
 
 use super::NewReading;
 use super::unit_state::{self, OutboxEvent};
@@ -149,18 +152,19 @@ impl Store {
         }
         drop(first);
         // Locks are taken in one order, so a deadlock should not happen; a serialization
-        // failure or deadlock reported anyway is retried rather than failing the whole group.
-        let mut attempt = 0;
-        let (stored, events, pending) = loop {
-            match self.commit_once(&unique, received_at).await {
-                Err(StoreError::Contended(e)) if attempt < 5 => {
-                    attempt += 1;
-                    tracing::debug!(attempt, error = %e, "group commit contended; retrying");
-                    tokio::time::sleep(std::time::Duration::from_millis(5 << attempt)).await;
-                }
-                other => break other?,
-            }
-        };
+        // failure or deadlock reported anyway is retried rather than failing the whole group:
+        // up to 5 times, 10 ms doubling to 160 ms apart.
+        let contended = ExponentialBuilder::default()
+            .with_min_delay(Duration::from_millis(10))
+            .with_factor(2.0)
+            .with_max_times(5);
+        let (stored, events, pending) = (|| self.commit_once(&unique, received_at))
+            .retry(contended)
+            .when(|e| matches!(e, StoreError::Contended(_)))
+            .notify(|e, delay| {
+                tracing::debug!(error = %e, ?delay, "group commit contended; retrying");
+            })
+            .await?;
         if stored.len() != unique.len() {
             return Err(super::StoreError::Other(sqlx::Error::RowNotFound));
         }

@@ -30,7 +30,8 @@ impl From<UnitRow> for Unit {
             temp_min: r.temp_min,
             temp_max: r.temp_max,
             offline_after_seconds: r.offline_after_seconds,
-            status: UnitStatus::parse(&r.status),
+            // A status this build does not know reads as `unknown`.
+            status: r.status.parse().unwrap_or(UnitStatus::Unknown),
             last_reading_at: r.last_reading_at.map(format_time),
             last_temperature: r.last_temperature,
         }
@@ -115,18 +116,10 @@ impl From<AlertRow> for Alert {
             alert_id: r.id,
             unit_id: r.unit_id,
             site_id: r.site_id,
-            alert_type: AlertType::parse(&r.alert_type).unwrap_or(AlertType::Offline),
-            severity: if r.severity == "critical" {
-                Severity::Critical
-            } else {
-                Severity::Warning
-            },
+            alert_type: r.alert_type.parse().unwrap_or(AlertType::Offline),
+            severity: r.severity.parse().unwrap_or(Severity::Warning),
             message: r.message,
-            status: if r.status == "active" {
-                AlertStatus::Active
-            } else {
-                AlertStatus::Resolved
-            },
+            status: r.status.parse().unwrap_or(AlertStatus::Resolved),
             triggered_at: format_time(r.triggered_at),
             resolved_at: r.resolved_at.map(format_time),
             value: r.value,

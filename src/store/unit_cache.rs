@@ -6,13 +6,13 @@
 //! still cached is refused at the commit. Entries live a few seconds; this node's own writes
 //! invalidate them after the write. Unknown units are not cached, so junk ids cannot grow it.
 
-use std::collections::HashMap;
-use std::sync::RwLock;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use crate::store::{Result, Store};
 
 const TTL: Duration = Duration::from_secs(5);
+/// Entries kept at most; past it the least used go (a lookup then reads the database again).
+const CAPACITY: u64 = 100_000;
 
 #[derive(Debug, Clone)]
 pub struct UnitInfo {
@@ -21,43 +21,42 @@ pub struct UnitInfo {
 
 pub struct Units {
     store: Store,
-    cache: RwLock<HashMap<(String, String), (Instant, UnitInfo)>>,
+    /// `moka`'s synchronous cache: its lookups never block, so async callers use it directly,
+    /// and `invalidate` stays a plain call. A hit costs about 250 ns against 190 ns for the
+    /// hand-written `RwLock<HashMap>` it replaced (release build, 50 units, key allocation
+    /// included); ingest looks up each distinct unit once per request, next to a database
+    /// commit of milliseconds, so the difference does not show.
+    cache: moka::sync::Cache<(String, String), UnitInfo>,
 }
 
 impl Units {
     pub fn new(store: Store) -> Self {
         Units {
             store,
-            cache: RwLock::new(HashMap::new()),
+            cache: moka::sync::Cache::builder()
+                .max_capacity(CAPACITY)
+                .time_to_live(TTL)
+                .build(),
         }
     }
 
     pub async fn get(&self, org: &str, unit: &str) -> Result<Option<UnitInfo>> {
         let key = (org.to_string(), unit.to_string());
-        if let Some((at, info)) = self.cache.read().unwrap().get(&key)
-            && at.elapsed() < TTL
-        {
-            return Ok(Some(info.clone()));
+        if let Some(info) = self.cache.get(&key) {
+            return Ok(Some(info));
         }
         let Some(row) = self.store.get_unit(org, unit).await? else {
-            self.cache.write().unwrap().remove(&key);
+            self.cache.invalidate(&key);
             return Ok(None);
         };
         let info = UnitInfo {
             site_id: row.site_id,
         };
-        let mut cache = self.cache.write().unwrap();
-        if cache.len() > 100_000 {
-            cache.retain(|_, (at, _)| at.elapsed() < TTL);
-        }
-        cache.insert(key, (Instant::now(), info.clone()));
+        self.cache.insert(key, info.clone());
         Ok(Some(info))
     }
 
     pub fn invalidate(&self, org: &str, unit: &str) {
-        self.cache
-            .write()
-            .unwrap()
-            .remove(&(org.to_string(), unit.to_string()));
+        self.cache.invalidate(&(org.to_string(), unit.to_string()));
     }
 }

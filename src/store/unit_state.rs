@@ -20,7 +20,7 @@ use serde_json::json;
 
 use crate::evaluate::thresholds::Thresholds;
 use crate::evaluate::verdict::{StoredUnit, Verdict};
-use crate::wire::{AlertType, UnitStatus};
+use crate::wire::{AlertStatus, AlertType, UnitStatus};
 
 /// How long an event is the writing node's to announce before any node may take it. The node
 /// renews the lease of what it still has in flight, so a slow emitter does not lose it; a
@@ -224,7 +224,8 @@ fn stored_units(
                 max: r.temp_max,
             },
             offline_after_seconds: r.offline_after_seconds,
-            status: UnitStatus::parse(&r.status),
+            // A status this build does not know reads as `unknown`.
+            status: r.status.parse().unwrap_or(UnitStatus::Unknown),
             status_since: r.status_since,
             last_reading_at: r.last_reading_at,
             last_temperature: r.last_temperature,
@@ -239,7 +240,7 @@ fn stored_units(
             units
                 .iter_mut()
                 .find(|u| u.org_id == org && u.unit_id == unit),
-            AlertType::parse(&kind),
+            kind.parse::<AlertType>().ok(),
         ) {
             if let Some(peak) = peak {
                 u.peaks.push((id.clone(), peak));
@@ -255,14 +256,14 @@ fn stored_units(
 pub(super) fn observe(verdicts: &[(&StoredUnit, Verdict, Option<i64>)]) {
     for (u, v, _) in verdicts {
         for a in &v.opened {
-            crate::observe::alert_opened(a.alert_type.as_str());
+            crate::observe::alert_opened(a.alert_type.into());
             if a.resolved_at.is_some() {
-                crate::observe::alert_resolved(a.alert_type.as_str());
+                crate::observe::alert_resolved(a.alert_type.into());
             }
         }
         for (id, _) in &v.resolved {
             if let Some((_, kind)) = u.open.iter().find(|(open, _)| open == id) {
-                crate::observe::alert_resolved(kind.as_str());
+                crate::observe::alert_resolved((*kind).into());
             }
         }
     }
@@ -293,7 +294,7 @@ fn writes(verdicts: &[(&StoredUnit, Verdict, Option<i64>)]) -> Writes {
             v.last_reading_at,
             v.last_temperature,
             seen,
-            v.status.as_str(),
+            v.status.as_ref(),
             v.status_since
         ]));
         for a in &v.opened {
@@ -302,17 +303,14 @@ fn writes(verdicts: &[(&StoredUnit, Verdict, Option<i64>)]) -> Writes {
                 u.org_id,
                 u.unit_id,
                 u.site_id,
-                a.alert_type.as_str(),
-                match a.severity {
-                    crate::wire::Severity::Warning => "warning",
-                    crate::wire::Severity::Critical => "critical",
-                },
+                a.alert_type.as_ref(),
+                a.severity.as_ref(),
                 a.message,
-                if a.resolved_at.is_some() {
-                    "resolved"
+                <&str>::from(if a.resolved_at.is_some() {
+                    AlertStatus::Resolved
                 } else {
-                    "active"
-                },
+                    AlertStatus::Active
+                }),
                 a.triggered_at,
                 a.value,
                 a.threshold,

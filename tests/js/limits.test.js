@@ -149,4 +149,33 @@ forEachEngine('socket.io limits', (engine) => {
       assert.deepEqual(await roomAck(tab2, 'subscribe:unit', 'u-2'), { ok: true });
     });
   });
+  describe('events waiting for their turn (SOCKET_EVENTS_BURST=2, a rate that never refuses)', () => {
+    // The limiter admits everything (one token per nanosecond), so a refusal here can only come
+    // from the cap on events waiting behind the one being served: as many as the burst.
+    const gw = useGateway(engine, { env: { SOCKET_EVENTS_PER_SECOND: '1000000000', SOCKET_EVENTS_BURST: '2' } });
+    let token;
+    before(async () => {
+      await seedStandardFixture(gw);
+      token = gw.token({ sub: 'viewer-acme', org: 'acme', role: 'viewer' });
+    });
+
+    it("answers events beyond the cap with 'rate_limited' at once and serves the rest in order", async () => {
+      // Long-polling sends the whole burst in one request: every event arrives while the first
+      // one's lookup holds the turn.
+      const socket = await gw.connect({ token, transports: ['polling'] });
+      const acks = await Promise.all(
+        Array.from({ length: 20 }, () => emitAck(socket, 'subscribe:site', 's-1')),
+      );
+      for (const ack of acks) assertSchema('SubscribeAck', ack);
+      const shape = acks.map((a) => (a.ok ? 'ok' : a.error)).join(' ');
+      for (const ack of acks) {
+        assert.ok(ack.ok === true || ack.error === 'rate_limited', `unexpected ack ${JSON.stringify(ack)} in: ${shape}`);
+      }
+      assert.deepEqual(acks[0], { ok: true }, `the first event is served; acks were: ${shape}`);
+      assert.ok(acks.some((a) => a.error === 'rate_limited'), `expected events over the cap refused, got: ${shape}`);
+      assert.ok(socket.connected, 'refusals under the abuse limit keep the socket');
+      // Nothing is left waiting: the next event is served.
+      assert.deepEqual(await roomAck(socket, 'subscribe:site', 's-1'), { ok: true });
+    });
+  });
 });
