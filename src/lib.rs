@@ -267,7 +267,7 @@ async fn serve<A: Adapter>(
             deliver::emitter::run(io, outgoing, commands, cluster_log, retention, sent, stop)
         })
     };
-    let bus = deliver::relay::Bus::new(
+    let relay = deliver::relay::Relay::new(
         store.clone(),
         redis_clients
             .as_ref()
@@ -275,13 +275,13 @@ async fn serve<A: Adapter>(
             .map(|((c, _), health)| (c.clone(), health)),
     );
     if let Some((_, subscriber)) = redis_clients {
-        bus.relay(subscriber, &tasks);
+        relay.start_across_nodes(subscriber, &tasks);
     }
     // The fanout and the monitor have no stop of their own: they flush and end once the writer
     // has ended (their inputs close), so their stop is only waited for.
     let fanout = tasks.spawn("fanout", Essential, |_| {
         deliver::fanout::run(
-            bus.clone(),
+            relay.clone(),
             fanout_rx,
             outbox.clone(),
             config.flush_interval,
@@ -292,7 +292,7 @@ async fn serve<A: Adapter>(
     let monitor = deliver::monitor::Monitor::new(
         store.clone(),
         outbox.clone(),
-        bus.clone(),
+        relay.clone(),
         l.batch_max_readings,
     );
     let monitor = tasks.spawn("monitor", Essential, |_| {
@@ -339,7 +339,7 @@ async fn serve<A: Adapter>(
         ingest,
         units,
         redis,
-        bus,
+        relay,
         outbox,
         pipeline: pipeline.clone(),
         rate_limits: Arc::new(http::KeyedLimits::new(&config.limits)),
@@ -348,7 +348,7 @@ async fn serve<A: Adapter>(
     };
     let plain_ws = ws::router(ws::AppState {
         jwt: state.jwt.clone(),
-        bus: state.bus.clone(),
+        relay: state.relay.clone(),
         units: state.units.clone(),
         max_rooms: config.limits.max_rooms_per_socket,
     });

@@ -116,7 +116,7 @@ impl Buffers {
 }
 
 pub async fn run(
-    bus: crate::deliver::relay::Bus,
+    relay: crate::deliver::relay::Relay,
     mut input: mpsc::Receiver<Arc<Committed>>,
     outbox: Outbox,
     flush_every: Duration,
@@ -138,9 +138,9 @@ pub async fn run(
                 }
                 buffers.add(&c);
                 // Plain WebSocket delivery copies every reading: only when someone may want it.
-                if bus.wanted(&c.org_id) {
+                if relay.wanted(&c.org_id) {
                     let plain = c.readings.iter().map(|s| (s.site_id.clone(), s.reading.clone())).collect();
-                    bus.readings(&c.org_id, plain).await;
+                    relay.readings(&c.org_id, plain).await;
                 }
             }
             _ = tick.tick() => flush(&mut buffers, &outbox, max_per_event, &buffered).await,
@@ -375,11 +375,11 @@ mod tests {
 
     #[tokio::test]
     async fn on_shutdown_the_fanout_flushes_what_it_holds() {
-        // The bus is only asked whether plain WebSocket clients want the organisation (none
+        // The relay is only asked whether plain WebSocket clients want the organisation (none
         // do): its store is never used.
         let dir = tempfile::tempdir().unwrap();
         let url = format!("sqlite:{}", dir.path().join("t.db").display());
-        let bus = crate::deliver::relay::Bus::new(
+        let relay = crate::deliver::relay::Relay::new(
             crate::store::Store::connect(&url).await.unwrap(),
             None,
         );
@@ -397,7 +397,7 @@ mod tests {
         drop(input);
         // No flush is due for an hour: only the shutdown sends the batch.
         let fanout = run(
-            bus,
+            relay,
             commits,
             outbox,
             Duration::from_secs(3600),

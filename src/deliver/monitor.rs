@@ -22,7 +22,7 @@ use tokio::sync::mpsc;
 use tokio::time::MissedTickBehavior;
 
 use crate::deliver::outbox::Outbox;
-use crate::deliver::relay::Bus;
+use crate::deliver::relay::Relay;
 use crate::ingest::Handover;
 use crate::rooms;
 use crate::store::{Leased, OutboxEvent, PendingReading, Store, now_ms};
@@ -41,7 +41,7 @@ const DRAIN: Duration = Duration::from_secs(3);
 pub struct Monitor {
     store: Store,
     outbox: Outbox,
-    bus: Bus,
+    relay: Relay,
     /// The most readings in one batch event (`BATCH_MAX_READINGS`).
     max_per_event: usize,
     in_flight: InFlight,
@@ -129,11 +129,11 @@ fn relayed_batches(
 }
 
 impl Monitor {
-    pub fn new(store: Store, outbox: Outbox, bus: Bus, max_per_event: usize) -> Self {
+    pub fn new(store: Store, outbox: Outbox, relay: Relay, max_per_event: usize) -> Self {
         Monitor {
             store,
             outbox,
-            bus,
+            relay,
             max_per_event,
             in_flight: InFlight::default(),
         }
@@ -217,7 +217,7 @@ impl Monitor {
         }
         // Plain WebSocket subscribers get the open alerts again (storage has them already).
         for org in alerts_changed {
-            self.bus.alerts_changed(&org).await;
+            self.relay.alerts_changed(&org).await;
         }
     }
 

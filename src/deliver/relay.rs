@@ -2,7 +2,7 @@
 //! of an organisation's open alerts.
 //!
 //! **Filtered at the source.** Connections register per organisation with a bounded queue and
-//! the sites their token may see, and tell the bus what they subscribe to. Each organisation has
+//! the sites their token may see, and tell the relay what they subscribe to. Each organisation has
 //! an index (unit id → connections, device id → connections, alerts → connections), so a
 //! reading is looked up by its unit and device and queued only for the connections that
 //! subscribed to one of them and may see its site — once, even when both match — and an alert
@@ -51,7 +51,7 @@ use crate::wire::{Alert, SensorReading};
 const CHANNEL: &str = "sensorwire:ws";
 /// Announcements of new interest (a node's first subscriber of a unit, device or alerts).
 const INTEREST_CHANNEL: &str = "sensorwire:ws:interest";
-/// The set of node ids that may have an interest key. The bus's keys share the hash tag
+/// The set of node ids that may have an interest key. The relay's keys share the hash tag
 /// `{ws}`, so a Redis Cluster keeps them in one slot and one `MGET` reads every node's.
 const NODES_KEY: &str = "sensorwire:{ws}:nodes";
 /// How often a node keeps its advertisement alive and reads the other nodes'.
@@ -267,7 +267,7 @@ struct Remote {
 }
 
 #[derive(Clone)]
-pub struct Bus {
+pub struct Relay {
     inner: Arc<Inner>,
 }
 
@@ -284,11 +284,11 @@ struct Inner {
     advertise_now: Notify,
 }
 
-impl Bus {
-    pub fn new(store: Store, redis: Option<(fred::clients::Client, RedisHealth)>) -> Bus {
+impl Relay {
+    pub fn new(store: Store, redis: Option<(fred::clients::Client, RedisHealth)>) -> Relay {
         let mut node = [0u8; 8];
         rand::RngCore::fill_bytes(&mut rand::rng(), &mut node);
-        Bus {
+        Relay {
             inner: Arc::new(Inner {
                 node: hex::encode(node),
                 store,
@@ -306,8 +306,8 @@ impl Bus {
     /// advertised interest and its view of the other nodes' up to date: two tasks of `tasks`,
     /// essential (without them plain WebSocket clients silently miss other nodes' readings),
     /// dropped at their stop.
-    pub fn relay(&self, subscriber: fred::clients::SubscriberClient, tasks: &Tasks) {
-        let bus = self.clone();
+    pub fn start_across_nodes(&self, subscriber: fred::clients::SubscriberClient, tasks: &Tasks) {
+        let relay = self.clone();
         let mut messages = subscriber.message_rx();
         let _ = tasks.spawn_until_stopped("ws relay", Role::Essential, async move {
             if let Err(e) = subscriber.subscribe(vec![CHANNEL, INTEREST_CHANNEL]).await {
@@ -321,7 +321,7 @@ impl Bus {
                         };
                         if &*msg.channel == INTEREST_CHANNEL {
                             match serde_json::from_str::<Announcement>(&text) {
-                                Ok(a) if a.node != bus.inner.node => bus.announced(a),
+                                Ok(a) if a.node != relay.inner.node => relay.announced(a),
                                 Ok(_) => {}
                                 Err(e) => {
                                     tracing::warn!(error = %e, "plain WebSocket relay: bad announcement")
@@ -333,7 +333,7 @@ impl Bus {
                             continue;
                         }
                         match serde_json::from_str::<Envelope>(&text) {
-                            Ok(env) if env.node != bus.inner.node => bus.deliver_remote(env).await,
+                            Ok(env) if env.node != relay.inner.node => relay.deliver_remote(env).await,
                             Ok(_) => {}
                             Err(e) => {
                                 tracing::warn!(error = %e, "plain WebSocket relay: bad message")
@@ -790,11 +790,11 @@ mod tests {
         }
     }
 
-    async fn bus() -> (Bus, tempfile::TempDir) {
+    async fn relay() -> (Relay, tempfile::TempDir) {
         let dir = tempfile::tempdir().unwrap();
         let url = format!("sqlite:{}", dir.path().join("t.db").display());
         let store = Store::open(&url).await.unwrap();
-        (Bus::new(store, None), dir)
+        (Relay::new(store, None), dir)
     }
 
     fn drain(rx: &mut mpsc::Receiver<Arc<Delivery>>) -> Vec<String> {
@@ -810,18 +810,19 @@ mod tests {
 
     #[tokio::test]
     async fn readings_go_only_to_their_subscribers_once_and_within_their_sites() {
-        let (bus, _dir) = bus().await;
-        let (alerts_only, mut rx_alerts) = bus.register("o", None);
-        bus.subscribe("o", alerts_only, Topic::Alerts).await;
-        let (both, mut rx_both) = bus.register("o", None);
-        bus.subscribe("o", both, Topic::Unit("u1".into())).await;
-        bus.subscribe("o", both, Topic::Device("d1".into())).await;
-        let (restricted, mut rx_restricted) = bus.register("o", Some(vec!["s1".into()]));
-        bus.subscribe("o", restricted, Topic::Device("d1".into()))
+        let (relay, _dir) = relay().await;
+        let (alerts_only, mut rx_alerts) = relay.register("o", None);
+        relay.subscribe("o", alerts_only, Topic::Alerts).await;
+        let (both, mut rx_both) = relay.register("o", None);
+        relay.subscribe("o", both, Topic::Unit("u1".into())).await;
+        relay.subscribe("o", both, Topic::Device("d1".into())).await;
+        let (restricted, mut rx_restricted) = relay.register("o", Some(vec!["s1".into()]));
+        relay
+            .subscribe("o", restricted, Topic::Device("d1".into()))
             .await;
-        let (_idle, mut rx_idle) = bus.register("o", None);
-        assert!(bus.wanted("o"));
-        assert!(!bus.wanted("other"));
+        let (_idle, mut rx_idle) = relay.register("o", None);
+        assert!(relay.wanted("o"));
+        assert!(!relay.wanted("other"));
 
         let mut burst = Vec::new();
         for i in 0..5000 {
@@ -829,7 +830,7 @@ mod tests {
         }
         burst.push(("s1".into(), reading("u1", Some("d1"))));
         burst.push(("s2".into(), reading("u2", Some("d1"))));
-        bus.readings("o", burst).await;
+        relay.readings("o", burst).await;
 
         assert_eq!(drain(&mut rx_alerts), Vec::<String>::new());
         assert_eq!(drain(&mut rx_idle), Vec::<String>::new());
@@ -837,31 +838,32 @@ mod tests {
         assert_eq!(drain(&mut rx_restricted), vec!["u1"]);
 
         // Unsubscribe and disconnect remove the entries.
-        bus.unsubscribe("o", both, &Topic::Unit("u1".into()));
-        bus.unregister("o", restricted);
-        bus.readings("o", vec![("s1".into(), reading("u1", Some("d9")))])
+        relay.unsubscribe("o", both, &Topic::Unit("u1".into()));
+        relay.unregister("o", restricted);
+        relay
+            .readings("o", vec![("s1".into(), reading("u1", Some("d9")))])
             .await;
         assert_eq!(drain(&mut rx_both), Vec::<String>::new());
         {
-            let orgs = bus.inner.orgs.read().unwrap();
+            let orgs = relay.inner.orgs.read().unwrap();
             let index = &orgs["o"];
             assert!(index.units.is_empty());
             assert_eq!(index.devices["d1"], HashSet::from([both]));
         }
-        bus.unsubscribe("o", both, &Topic::Device("d1".into()));
-        assert!(!bus.wanted("o"), "only an alerts subscriber is left");
+        relay.unsubscribe("o", both, &Topic::Device("d1".into()));
+        assert!(!relay.wanted("o"), "only an alerts subscriber is left");
     }
 
     #[tokio::test]
     async fn a_full_queue_drops_the_connection_and_its_entries() {
-        let (bus, _dir) = bus().await;
-        let (id, mut rx) = bus.register("o", None);
-        bus.subscribe("o", id, Topic::Unit("u1".into())).await;
+        let (relay, _dir) = relay().await;
+        let (id, mut rx) = relay.register("o", None);
+        relay.subscribe("o", id, Topic::Unit("u1".into())).await;
         let burst: Vec<_> = (0..QUEUE + 1)
             .map(|_| ("s".to_string(), reading("u1", None)))
             .collect();
-        bus.readings("o", burst).await;
-        assert!(bus.inner.orgs.read().unwrap().get("o").is_none());
+        relay.readings("o", burst).await;
+        assert!(relay.inner.orgs.read().unwrap().get("o").is_none());
         let mut n = 0;
         while rx.recv().await.is_some() {
             n += 1;

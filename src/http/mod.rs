@@ -42,7 +42,7 @@ pub struct AppState {
     pub units: Arc<crate::store::unit_cache::Units>,
     /// Redis health, when running as one of several nodes.
     pub redis: Option<crate::cluster::RedisHealth>,
-    pub bus: crate::deliver::relay::Bus,
+    pub relay: crate::deliver::relay::Relay,
     pub outbox: crate::deliver::outbox::Outbox,
     /// Whether every essential task (the pipeline stages among them) is alive (`/readyz`).
     pub pipeline: crate::tasks::Health,

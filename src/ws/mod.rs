@@ -20,7 +20,7 @@ use serde::Deserialize;
 
 use crate::auth::jwt::now_secs;
 use crate::auth::{JwtVerifier, UserClaims, valid_id};
-use crate::deliver::relay::{Bus, Delivery, Topic};
+use crate::deliver::relay::{Delivery, Relay, Topic};
 use crate::store::unit_cache::Units;
 use crate::wire::{TelemetryData, TelemetryMetrics, WsChannel, WsClientMessage, WsServerMessage};
 
@@ -32,7 +32,7 @@ const DEAD_AFTER: Duration = Duration::from_secs(60);
 pub struct AppState {
     pub jwt: Arc<JwtVerifier>,
     /// Telemetry and alerts of the connection's organisation, from every node.
-    pub bus: Bus,
+    pub relay: Relay,
     /// Whether a unit exists and which site holds it, for `subscribe` checks.
     pub units: Arc<Units>,
     /// Per-connection cap on subscriptions (`MAX_ROOMS_PER_SOCKET`).
@@ -79,7 +79,7 @@ async fn close(mut socket: WebSocket, code: u16, reason: &str) {
 struct Connection {
     app: AppState,
     claims: UserClaims,
-    /// This connection's id in the bus, which queues for it only what it subscribed to.
+    /// This connection's id in the relay, which queues for it only what it subscribed to.
     id: u64,
     alerts: bool,
     devices: HashSet<String>,
@@ -101,7 +101,7 @@ impl Connection {
     async fn run(mut self, socket: WebSocket) {
         let (mut tx, mut rx) = socket.split();
         let org = self.claims.org_id.clone();
-        let (id, mut deliveries) = self.app.bus.register(&org, self.claims.site_ids.clone());
+        let (id, mut deliveries) = self.app.relay.register(&org, self.claims.site_ids.clone());
         self.id = id;
         let deadline = tokio::time::sleep(Duration::from_secs(
             (self.claims.deadline() - now_secs() + 1).max(0) as u64,
@@ -130,7 +130,7 @@ impl Connection {
                 },
                 delivery = deliveries.recv() => match delivery {
                     Some(d) => self.deliveries(&d),
-                    // Dropped by the bus: this client did not keep up with what it subscribed to.
+                    // Dropped by the relay: this client did not keep up with what it subscribed to.
                     None => break Some((1013, "too slow: reconnect")),
                 },
                 _ = ping.tick() => {
@@ -158,7 +158,7 @@ impl Connection {
                 break None;
             }
         };
-        self.app.bus.unregister(&org, id);
+        self.app.relay.unregister(&org, id);
         crate::observe::plain_ws(-1.0);
         if let Some((code, reason)) = close_code {
             let frame = CloseFrame {
@@ -170,7 +170,7 @@ impl Connection {
         tracing::info!(org = %org, "plain websocket closed");
     }
 
-    /// What a delivery means for this connection's subscriptions. The bus only queues what the
+    /// What a delivery means for this connection's subscriptions. The relay only queues what the
     /// connection subscribed to; checking again here keeps a delivery queued just before an
     /// unsubscribe from arriving after its `unsubscribed`.
     fn deliveries(&self, d: &Delivery) -> Vec<WsServerMessage> {
@@ -235,12 +235,12 @@ impl Connection {
                 self.alerts = subscribe;
                 let confirm = confirmation(subscribe, WsChannel::Alerts, None, None);
                 if !subscribe {
-                    self.app.bus.unsubscribe(org, self.id, &Topic::Alerts);
+                    self.app.relay.unsubscribe(org, self.id, &Topic::Alerts);
                     return vec![confirm];
                 }
                 // Registered before the list is read: a change meanwhile is pushed afterwards.
-                self.app.bus.subscribe(org, self.id, Topic::Alerts).await;
-                match self.app.bus.open_alerts(org).await {
+                self.app.relay.subscribe(org, self.id, Topic::Alerts).await;
+                match self.app.relay.open_alerts(org).await {
                     Ok(all) => vec![confirm, self.visible_alerts(&all)],
                     Err(_) => vec![confirm, error("alerts are unavailable right now")],
                 }
@@ -257,11 +257,11 @@ impl Connection {
                     }
                     self.devices.insert(device.clone());
                     let topic = Topic::Device(device.clone());
-                    self.app.bus.subscribe(org, self.id, topic).await;
+                    self.app.relay.subscribe(org, self.id, topic).await;
                 } else {
                     self.devices.remove(&device);
                     let topic = Topic::Device(device.clone());
-                    self.app.bus.unsubscribe(org, self.id, &topic);
+                    self.app.relay.unsubscribe(org, self.id, &topic);
                 }
                 vec![confirmation(
                     subscribe,
@@ -288,11 +288,11 @@ impl Connection {
                     }
                     self.units.insert(unit.clone());
                     let topic = Topic::Unit(unit.clone());
-                    self.app.bus.subscribe(org, self.id, topic).await;
+                    self.app.relay.subscribe(org, self.id, topic).await;
                 } else {
                     self.units.remove(&unit);
                     self.app
-                        .bus
+                        .relay
                         .unsubscribe(org, self.id, &Topic::Unit(unit.clone()));
                 }
                 vec![confirmation(subscribe, WsChannel::Unit, None, Some(unit))]
