@@ -128,15 +128,26 @@ fn join_capped<A: Adapter>(
     Ok(())
 }
 
-/// What a `subscribe:*` event names.
+/// What a `subscribe:*` / `unsubscribe:*` event names: the one word in which the site and unit
+/// events differ, so each pair is one handler (registered twice in `socketio::authenticate`).
 #[derive(Clone, Copy)]
-enum Target {
+pub(super) enum Target {
     Site,
     Unit,
 }
 
-/// Joins a site or unit room the caller may see, within the per-socket cap.
-async fn subscribe<A: Adapter>(
+impl Target {
+    fn room(self, org: &str, id: &str) -> String {
+        match self {
+            Target::Site => rooms::site(org, id),
+            Target::Unit => rooms::unit(org, id),
+        }
+    }
+}
+
+/// `subscribe:site` / `subscribe:unit`: joins a site or unit room the caller may see, within the
+/// per-socket cap.
+pub(super) async fn subscribe<A: Adapter>(
     s: SocketRef<A>,
     data: Result<Value, impl std::fmt::Debug>,
     turn: Turn,
@@ -152,15 +163,10 @@ async fn subscribe<A: Adapter>(
         }
         let id = id_arg(data)?;
         let claims = session.claims();
-        let (room, site) = match target {
-            Target::Site => {
-                visible_site(&ctx, &claims, &id).await?;
-                (rooms::site(&claims.org_id, &id), id)
-            }
-            Target::Unit => {
-                let site = visible_unit_site(&ctx, &claims, &id).await?;
-                (rooms::unit(&claims.org_id, &id), site)
-            }
+        let room = target.room(&claims.org_id, &id);
+        let site = match target {
+            Target::Site => visible_site(&ctx, &claims, &id).await.map(|()| id)?,
+            Target::Unit => visible_unit_site(&ctx, &claims, &id).await?,
         };
         // With several nodes, this node follows the site's live readings before the client is
         // told it is subscribed: from the acknowledgement on, readings posted anywhere reach it.
@@ -175,33 +181,14 @@ async fn subscribe<A: Adapter>(
     ack_result(reply, result);
 }
 
-pub async fn subscribe_site<A: Adapter>(
-    s: SocketRef<A>,
-    TryData(data): TryData<Value>,
-    turn: Turn,
-    State(ctx): State<Ctx>,
-    reply: Reply<A>,
-) {
-    subscribe(s, data, turn, ctx, reply, Target::Site).await
-}
-
-pub async fn subscribe_unit<A: Adapter>(
-    s: SocketRef<A>,
-    TryData(data): TryData<Value>,
-    turn: Turn,
-    State(ctx): State<Ctx>,
-    reply: Reply<A>,
-) {
-    subscribe(s, data, turn, ctx, reply, Target::Unit).await
-}
-
-/// Leaves a site or unit room. Leaving something never joined is fine.
-async fn unsubscribe<A: Adapter>(
+/// `unsubscribe:site` / `unsubscribe:unit`: leaves a site or unit room. Leaving something never
+/// joined is fine.
+pub(super) async fn unsubscribe<A: Adapter>(
     s: SocketRef<A>,
     data: Result<Value, impl std::fmt::Debug>,
     turn: Turn,
     reply: Reply<A>,
-    room: fn(&str, &str) -> String,
+    target: Target,
 ) {
     turn.wait().await;
     let session = turn.session();
@@ -210,31 +197,13 @@ async fn unsubscribe<A: Adapter>(
             return Err(Refusal::RateLimited);
         }
         let id = id_arg(data)?;
-        let room = room(&session.claims().org_id, &id);
+        let room = target.room(&session.claims().org_id, &id);
         session.remove_subscription(&room);
         unfollow_live(&s, &room);
         s.leave(room);
         Ok(())
     })();
     ack_result(reply, result);
-}
-
-pub async fn unsubscribe_site<A: Adapter>(
-    s: SocketRef<A>,
-    TryData(data): TryData<Value>,
-    turn: Turn,
-    reply: Reply<A>,
-) {
-    unsubscribe(s, data, turn, reply, rooms::site).await
-}
-
-pub async fn unsubscribe_unit<A: Adapter>(
-    s: SocketRef<A>,
-    TryData(data): TryData<Value>,
-    turn: Turn,
-    reply: Reply<A>,
-) {
-    unsubscribe(s, data, turn, reply, rooms::unit).await
 }
 
 /// `get:latest`: the unit's newest reading, or `null` (also for a unit the caller cannot see).

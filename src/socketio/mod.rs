@@ -149,10 +149,31 @@ pub async fn authenticate<A: Adapter>(
                 ))))));
         }
     }
-    s.on("subscribe:site", handlers::subscribe_site::<A>);
-    s.on("unsubscribe:site", handlers::unsubscribe_site::<A>);
-    s.on("subscribe:unit", handlers::subscribe_unit::<A>);
-    s.on("unsubscribe:unit", handlers::unsubscribe_unit::<A>);
+    use handlers::Target;
+    for (target, subscribe, unsubscribe) in [
+        (Target::Site, "subscribe:site", "unsubscribe:site"),
+        (Target::Unit, "subscribe:unit", "unsubscribe:unit"),
+    ] {
+        s.on(
+            subscribe,
+            move |s: SocketRef<A>,
+                  TryData(data): TryData<Value>,
+                  turn: session::Turn,
+                  State(ctx): State<Ctx>,
+                  reply: reply::Reply<A>| {
+                handlers::subscribe(s, data, turn, ctx, reply, target)
+            },
+        );
+        s.on(
+            unsubscribe,
+            move |s: SocketRef<A>,
+                  TryData(data): TryData<Value>,
+                  turn: session::Turn,
+                  reply: reply::Reply<A>| {
+                handlers::unsubscribe(s, data, turn, reply, target)
+            },
+        );
+    }
     s.on("get:latest", handlers::get_latest::<A>);
     s.on("auth:refresh", handlers::auth_refresh::<A>);
     s.on("sync", handlers::sync::<A>);
