@@ -3,6 +3,9 @@
 //! These types are the single source of `proto/`: the TypeScript typings (ts-rs), the JSON Schemas
 //! and the OpenAPI document (utoipa) are generated from them by `sensorwire proto`, and a test fails
 //! when the committed files are stale. Field names follow CONTRACT.md exactly (camelCase on the wire).
+//! Many fields carry the same attributes (`#[schema(required = true)]` on a nullable field, the
+//! format of a time): each struct spells out its own contract shape, on purpose, so that the
+//! generated schema of every payload can be read and checked field by field.
 //! Times are RFC 3339 UTC strings with millisecond precision, built with [`format_time`].
 
 use chrono::{DateTime, SecondsFormat, Utc};

@@ -1,4 +1,9 @@
 //! The HTTP API: one router per resource, merged here, all sharing one [`AppState`].
+//!
+//! The route handlers share one shape on purpose (extract the caller, authorise, call storage,
+//! map rows to the contract's type): each reads on its own, and the shared parts — the caller,
+//! the JSON body and query with contract errors, the error type — are the extractors in
+//! `extract.rs` and `error.rs`.
 
 mod alerts;
 mod demo;

@@ -3,7 +3,9 @@
 //! Every handler is generic over the adapter, so one code path serves a single node and a
 //! cluster. Each event passes the socket's rate limiter as it arrives, before it waits for its
 //! [`Turn`]. Arguments are taken as raw JSON and checked here, so a wrong type gets the
-//! contract's `not_found` instead of silence.
+//! contract's `not_found` instead of silence. Each handler opens the same way (wait for the
+//! turn, then act on the verdict taken on arrival); that stays inline in each, because each
+//! answers a refusal in its own ack shape.
 
 use std::sync::Arc;
 
