@@ -13,10 +13,17 @@ use libfuzzer_sys::fuzz_target;
 // The validator and the wire types it uses are compiled in from the gateway's own sources rather
 // than through the `sensorwire` crate: instrumented for coverage, the whole server's dependency
 // tree (sqlx, socketioxide, fred, TLS) takes the better part of an hour to build on two cores;
-// these two files need only serde, chrono, ts-rs and utoipa.
+// these files need only serde, chrono, ts-rs, utoipa and strum.
 #[allow(dead_code)]
 #[path = "../../src/wire.rs"]
 mod wire;
+#[allow(dead_code)]
+#[path = "../../src/store/reading.rs"]
+mod reading;
+/// Where `validate.rs` finds the type it produces (`crate::store::NewReading` in the gateway).
+mod store {
+    pub use super::reading::NewReading;
+}
 #[allow(dead_code)]
 #[path = "../../src/ingest/validate.rs"]
 mod validate;

@@ -8,6 +8,7 @@
 //! Every query is scoped by organisation: ids are unique only within one.
 
 mod postgres;
+mod reading;
 mod readings;
 mod rows;
 mod sqlite;
@@ -18,8 +19,9 @@ use std::time::Duration;
 use sqlx::{PgPool, SqlitePool};
 
 pub use alerts::{Acknowledge, AlertQuery};
+pub use reading::NewReading;
 pub use readings::{Committed, Outcomes, ReadingKey};
-pub use rows::{AlertRow, ApiKeyRow, NewReading, ReadingRow, UnitRow};
+pub use rows::{AlertRow, ApiKeyRow, ReadingRow, UnitRow};
 pub use unit_state::{LEASE_MS, Leased, OutboxEvent, PendingReading};
 
 use crate::wire::{AlertStatus, Site, UpdateUnit};

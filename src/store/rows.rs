@@ -1,5 +1,6 @@
 //! Rows as the database returns them, and their conversion to wire types.
 
+use super::NewReading;
 use crate::wire::{
     Alert, AlertStatus, AlertType, SensorReading, Severity, Unit, UnitStatus, format_time,
 };
@@ -40,38 +41,6 @@ impl From<UnitRow> for Unit {
 
 pub(super) const READING_SELECT: &str = "SELECT id, unit_id, device_id, temperature, humidity, \
     battery, signal_strength, recorded_at, source FROM readings";
-
-/// A reading that passed validation (`ingest::validate`), ready to store.
-#[derive(Debug, Clone, PartialEq, sqlx::FromRow)]
-pub struct NewReading {
-    pub unit_id: String,
-    /// `""` when the sender gave none (the idempotency key needs a value).
-    pub device_id: String,
-    pub temperature: f64,
-    pub humidity: Option<f64>,
-    pub battery: Option<f64>,
-    pub signal_strength: Option<f64>,
-    /// Epoch milliseconds.
-    pub recorded_at: i64,
-    pub source: String,
-}
-
-impl NewReading {
-    /// The contract's shape, once storage gave the reading its id.
-    pub fn into_wire(self, id: i64) -> SensorReading {
-        SensorReading {
-            id: id.to_string(),
-            unit_id: self.unit_id,
-            device_id: (!self.device_id.is_empty()).then_some(self.device_id),
-            temperature: self.temperature,
-            humidity: self.humidity,
-            battery: self.battery,
-            signal_strength: self.signal_strength,
-            recorded_at: format_time(self.recorded_at),
-            source: self.source,
-        }
-    }
-}
 
 /// A stored reading: the validated fields and the id storage gave it.
 #[derive(Debug, Clone, sqlx::FromRow)]
