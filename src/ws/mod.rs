@@ -10,13 +10,19 @@ use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use axum::Json;
 use axum::Router;
+use axum::extract::rejection::QueryRejection;
+use axum::extract::ws::rejection::WebSocketUpgradeRejection;
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgrade};
 use axum::extract::{Query, State};
+use axum::http::StatusCode;
+use axum::response::IntoResponse;
 use axum::response::Response;
 use axum::routing::get;
 use futures_util::{SinkExt, StreamExt};
 use serde::Deserialize;
+use serde_json::json;
 
 use crate::auth::jwt::now_secs;
 use crate::auth::{JwtVerifier, UserClaims, valid_id};
@@ -51,10 +57,17 @@ struct TokenQuery {
 }
 
 async fn upgrade(
-    ws: WebSocketUpgrade,
-    Query(q): Query<TokenQuery>,
+    ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
+    q: Result<Query<TokenQuery>, QueryRejection>,
     State(app): State<AppState>,
 ) -> Response {
+    // A request that is not a WebSocket handshake gets the contract's error shape, like every
+    // other error under /api, instead of axum's plain-text rejection.
+    let (ws, Query(q)) = match (ws, q) {
+        (Ok(ws), Ok(q)) => (ws, q),
+        (Err(e), _) => return refused(e.status(), e.body_text()),
+        (_, Err(e)) => return refused(e.status(), e.body_text()),
+    };
     let verified = app.jwt.verify(q.token.as_deref().unwrap_or_default());
     ws.max_message_size(64 * 1024)
         .on_upgrade(move |socket| async move {
@@ -66,6 +79,16 @@ async fn upgrade(
                 Ok(claims) => Connection::new(app, claims).run(socket).await,
             }
         })
+}
+
+/// An HTTP error before the upgrade, as `{ error, message }`.
+fn refused(status: StatusCode, message: String) -> Response {
+    let error = if status == StatusCode::METHOD_NOT_ALLOWED {
+        "method_not_allowed"
+    } else {
+        "bad_request"
+    };
+    (status, Json(json!({ "error": error, "message": message }))).into_response()
 }
 
 async fn close(mut socket: WebSocket, code: u16, reason: &str) {

@@ -149,6 +149,16 @@ forEachEngine('HTTP API', (engine) => {
       assert.match(res.headers.get('allow') || '', /GET/, 'Allow lists GET');
       assert.match(res.headers.get('allow') || '', /POST/, 'Allow lists POST');
     });
+
+    it('the plain WebSocket route without a WebSocket handshake → 400 bad_request; POST → 405', async () => {
+      const get = await gw.api('GET', '/api/v2/ws', { token: acmeViewer });
+      assertApiError(get, 400, 'GET /api/v2/ws without Upgrade:');
+      assert.equal(get.body.error, 'bad_request');
+      assert.ok(get.body.message.length > 0, 'says why');
+      const post = await gw.api('POST', '/api/v2/ws', { token: acmeViewer, body: {} });
+      assertApiError(post, 405, 'POST /api/v2/ws:');
+      assert.equal(post.body.error, 'method_not_allowed');
+    });
   });
 
   describe('authentication', () => {
